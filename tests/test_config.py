@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from zephyr_ray.config import RECIPES, ConfigError, SFTRecipe, TrainConfig, load_config
+from zephyr_ray.train.engine import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_FILES = sorted((ROOT / "configs").glob("*/*.yaml"))
+DS_FILES = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+
+
+def test_there_are_recipes():
+    assert {p.stem for p in RECIPE_FILES} >= {"sft"}
+    assert {p.name for p in DS_FILES} >= {"zero0.json", "zero2.json", "zero3.json"}
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_loads(path):
+    cfg = load_config(path, [], RECIPES[path.stem])
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.num_workers)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * cfg.scaling.num_workers
+
+
+@pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
+def test_every_deepspeed_json_fills(path):
+    cfg = deepspeed_config(SFTRecipe().deepspeed.__class__(config=str(path)), TrainConfig(micro_batch_size=3), 4)
+    assert cfg["train_micro_batch_size_per_gpu"] == 3
+    assert cfg["train_batch_size"] == 12
+    assert cfg["bf16"]["enabled"] is True
+    assert "auto" not in str(cfg)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(ROOT / "configs/tiny/sft.yaml", ["train.lr=1e-4", "data.packing=false", "model.path=/m"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.data.packing is False
+    assert cfg.model.path == "/m"
+    assert isinstance(cfg, SFTRecipe)
+
+
+def test_unknown_key_names_key_and_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/tiny/sft.yaml", ["train.lrr=1"])
+    assert "train.lrr" in str(err.value) and "lr_scheduler" in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  pathh: x.jsonl\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value) and "data.pathh" in str(err.value) and "max_length" in str(err.value)
+
+
+def test_wrong_type_and_choice_fail_early():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"data.on_bad_row='maybe'.*\['error', 'skip'\]"):
+        load_config(None, ["data.on_bad_row=maybe"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_deepspeed_conflict_is_an_error(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text('{"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}')
+    from zephyr_ray.config import DeepSpeedConfig
+
+    with pytest.raises(ValueError, match="conflicts"):
+        deepspeed_config(DeepSpeedConfig(config=str(p)), TrainConfig(micro_batch_size=8), 1)
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        deepspeed_config(DeepSpeedConfig(config=str(ROOT / "configs/deepspeed/zero2.json"), offload_params=True), TrainConfig(), 1)

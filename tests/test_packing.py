@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from zephyr_ray.data.packing import best_fit_decreasing, collate, pack_sequences
+from zephyr_ray.data.samples import sample_dialogues
+from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
+from zephyr_ray.train.losses import shifted_labels, token_nll_sum
+
+
+def test_best_fit_decreasing():
+    lengths = [5, 3, 8, 2, 7, 1, 4]
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 3  # 30 tokens in rows of 10: optimal here
+    assert bins == [[2, 3], [4, 1], [0, 6, 5]]
+    with pytest.raises(ValueError, match="does not fit"):
+        best_fit_decreasing([11], 10)
+
+
+def test_collate_pads_as_separate_sequence():
+    batch = {
+        "input_ids": np.array([[1, 2, 3], [4, 5, 6, 7, 8]], dtype=object),
+        "labels": np.array([[-100, 2, 3], [-100, 5, -100, 7, 8]], dtype=object),
+        "position_ids": np.array([[0, 1, 2], [0, 1, 0, 1, 2]], dtype=object),
+        "sample_ids": np.array([["a"], ["b", "c"]], dtype=object),
+    }
+    out = collate(batch, pad_id=0, pad_to_multiple_of=4)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 6, 7, 8, 0, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 2, 3] + [-100] * 5, [-100, 5, -100, 7, 8, -100, -100, -100]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 0, 1, 2]]
+    # Targets never cross from one packed sequence into the next.
+    assert shifted_labels(out["labels"], out["position_ids"]).tolist()[1] == [5, -100, 7, 8, -100, -100, -100]
+    assert out["sample_ids"] == [["a"], ["b", "c"]]
+
+
+def _seqs(tokenizer, n):
+    return [{**tokenize_messages(tokenizer, d["messages"]), "sample_id": str(i)}
+            for i, d in enumerate(sample_dialogues(n, seed=3))]
+
+
+def _rows_to_batch(rows):
+    return {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+
+
+def test_packed_loss_equals_token_weighted_loss_of_single_sequences(tiny_model, tokenizer):
+    from zephyr_ray.models import load_model
+
+    model = load_model(tiny_model).eval()
+    # Training never uses a KV cache; with one, transformers ignores packed position_ids.
+    seqs = _seqs(tokenizer, 7)
+    rows = pack_sequences(seqs, max_length=160)
+    assert len(rows) < len(seqs)  # several sequences really share a row
+    batch = collate(_rows_to_batch(rows), tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        packed_sum, packed_n = token_nll_sum(logits, batch["labels"], batch["position_ids"])
+        total, count = 0.0, 0
+        for s in seqs:
+            ids = torch.tensor([s["input_ids"]])
+            single = model(input_ids=ids).logits
+            loss, n = token_nll_sum(single, torch.tensor([s["labels"]]), torch.arange(ids.shape[1])[None])
+            total, count = total + loss.item(), count + n
+    assert packed_n == count == sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in seqs)
+    assert packed_sum.item() / packed_n == pytest.approx(total / count, abs=1e-5)
+
+    # Without the position_ids restart, attention crosses sequences and the loss changes: the test can fail.
+    naive = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    with torch.no_grad():
+        leaked = model(input_ids=batch["input_ids"], position_ids=naive, use_cache=False).logits
+    assert abs(token_nll_sum(leaked, batch["labels"], batch["position_ids"])[0].item() / packed_n - total / count) > 1e-3
+
+
+def test_token_nll_sum_by_hand():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]]]))
+    labels = torch.tensor([[-100, 1, 2, -100]])
+    loss, n = token_nll_sum(logits, labels, torch.arange(4)[None])
+    assert n == 2
+    assert loss.item() == pytest.approx(-np.log(0.25) - np.log(0.1), abs=1e-6)
+    # Position 2 starts a new packed sequence, so its token is not predicted from position 1.
+    loss, n = token_nll_sum(logits, labels, torch.tensor([[0, 1, 0, 1]]))
+    assert n == 1 and loss.item() == pytest.approx(-np.log(0.25), abs=1e-6)

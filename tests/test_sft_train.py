@@ -1,0 +1,123 @@
+"""dSFT on 2 Ray Train workers with real DeepSpeed (ZeRO-2 and ZeRO-3), on the session's Ray cluster."""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from zephyr_ray.config import SFTRecipe, load_config
+from zephyr_ray.data.samples import sample_dialogues, write_jsonl
+from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
+from zephyr_ray.train.metrics import read_metrics
+
+from .conftest import ROOT, shared_file
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _cfg(tmp: Path, model: str, *overrides: str) -> SFTRecipe:
+    return load_config(ROOT / "configs/tiny/sft.yaml",
+                       [f"model.path={model}", f"run.output_dir={tmp}", "wandb.enabled=false", *overrides])
+
+
+def _run(cfg):
+    from zephyr_ray.train.sft import run_sft
+
+    return run_sft(cfg)
+
+
+def _generate(model_dir: Path, messages, max_new_tokens=40) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _unigram_entropy(tokenizer, dialogues) -> float:
+    counts = Counter(t for d in dialogues for t in tokenize_messages(tokenizer, d["messages"])["labels"] if t != IGNORE_INDEX)
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def test_zero2_overfits_eight_dialogues_and_exports(ray_cluster, tiny_model, tokenizer, tmp_path):
+    dialogues = sample_dialogues(8, seed=11)
+    data = write_jsonl(dialogues * 40, tmp_path / "eight.jsonl")
+    cfg = _cfg(tmp_path / "run", tiny_model, f"data.path={data}", "data.packing=false", "train.epochs=1",
+               "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.lr=3e-3",
+               "train.lr_scheduler=constant", "train.warmup_ratio=0.05", "deepspeed.config=configs/deepspeed/zero2.json")
+    result = _run(cfg)
+    metrics = read_metrics(result.output_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 41))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples"} <= set(metrics[0])
+    assert metrics[-1]["samples"] == 320
+    # Random init starts near ln(vocab); memorising 8 dialogues must beat any context-free model, whose
+    # best loss is the unigram entropy of the answer tokens: require a quarter of that.
+    assert metrics[0]["loss"] == pytest.approx(math.log(len(tokenizer)), abs=0.5)
+    threshold = 0.25 * _unigram_entropy(tokenizer, dialogues)
+    assert metrics[-1]["loss"] < threshold, (metrics[-1]["loss"], threshold)
+    # The exported model loads with plain transformers and says what it was taught.
+    first = dialogues[0]["messages"]
+    prompt = [m for m in first if m["role"] != "assistant"][:2] if first[0]["role"] == "system" else first[:1]
+    answer = next(m["content"] for m in first if m["role"] == "assistant")
+    assert _generate(result.model_dir, prompt).strip().startswith(answer[:20])
+
+
+def _trace(run: Path) -> dict[int, list[str]]:
+    """Sample ids per step over all ranks (a step's last record wins: earlier ones were rolled back)."""
+    steps: dict[int, list[str]] = {}
+    for f in sorted((run / "samples").glob("rank*.jsonl")):
+        per_rank = {}
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            per_rank[rec["step"]] = rec["ids"]
+        for step, ids in per_rank.items():
+            steps.setdefault(step, []).extend(ids)
+    return steps
+
+
+def test_zero3_resume_after_failure_matches_uninterrupted_run(ray_cluster, tiny_model, tmp_path):
+    common = ["deepspeed.config=configs/deepspeed/zero3.json", "train.trace_samples=true", "train.checkpoint_every=2",
+              "train.epochs=2", "data.max_length=256", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2",
+              "train.gradient_checkpointing=true"]
+    clean = _run(_cfg(tmp_path / "clean", tiny_model, *common, "wandb.enabled=true", "wandb.mode=offline"))
+    crashed = _run(_cfg(tmp_path / "crashed", tiny_model, *common, "train.inject_failure_at_step=5", "run.max_failures=1"))
+
+    a, b = read_metrics(clean.output_dir), read_metrics(crashed.output_dir)
+    report = json.loads((clean.output_dir / "data_report.json").read_text())
+    assert a[-1]["step"] == b[-1]["step"] == report["total_steps"] > 5
+    assert [m["step"] for m in b] == list(range(1, b[-1]["step"] + 1))
+    assert a[-1]["samples"] == b[-1]["samples"]
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-4)
+    assert a[-1]["loss"] < a[0]["loss"] - 0.5
+
+    # The restart really happened, from the step-4 checkpoint, and replayed step 5 on the same data.
+    restarts = [json.loads(line) for line in (crashed.output_dir / "restarts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["micro_batches_in_epoch"] > 0) for r in restarts] == [(4, True)]
+    assert not (clean.output_dir / "restarts.jsonl").exists()
+    ta, tb = _trace(clean.output_dir), _trace(crashed.output_dir)
+    assert ta == tb
+    per_epoch = Counter(i for step in ta.values() for i in step)
+    dropped = report["dropped_by_equal_split"]
+    assert set(per_epoch.values()) == {2}, "every trained sample is seen once per epoch, none twice"
+    assert len(per_epoch) >= 256 - 20 * dropped
+    assert list((clean.output_dir / "wandb").glob("offline-run-*"))
+    assert _generate(crashed.model_dir, [{"role": "user", "content": "What is 2 + 3?"}], 8) is not None
+
+
+def test_realistic_teacher_set_trains_a_few_steps(ray_cluster, tiny_model, tmp_path):
+    path = shared_file("alpaca_eval", "sft_gpt4_teacher.jsonl")
+    cfg = _cfg(tmp_path / "run", tiny_model, f"data.path={path}", "train.max_steps=3", "data.max_length=1024",
+               "train.epochs=1", "deepspeed.config=configs/deepspeed/zero2.json", "train.precision=bf16")
+    result = _run(cfg)
+    report = json.loads((result.output_dir / "data_report.json").read_text())
+    assert report["rows"] == 805 and report["used"] + sum(report["skipped"].values()) == 805
+    metrics = read_metrics(result.output_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) for m in metrics)

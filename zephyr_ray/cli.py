@@ -1,0 +1,61 @@
+"""``zephyr-ray <stage> --config FILE key=value ...``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from zephyr_ray.config import ConfigError, SFTRecipe, load_config
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from zephyr_ray.train.sft import run_sft
+
+    result = run_sft(load_config(args.config, args.overrides, SFTRecipe))
+    print(f"dSFT finished at step {result.steps} (loss {result.final_loss}); model: {result.model_dir.absolute()}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from zephyr_ray.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(args.model), load_model(args.model).eval()
+    for prompt in args.prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        print(f"user: {prompt}\nassistant: {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zephyr-ray", description="The Zephyr alignment recipe on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sft = sub.add_parser("sft", help="distilled supervised fine-tuning (dSFT)")
+    sft.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny/sft.yaml")
+    sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    sft.set_defaults(func=_sft)
+    chat = sub.add_parser("chat", help="greedy replies from an exported model, one per prompt")
+    chat.add_argument("--model", required=True, help="HF model folder, e.g. runs/<id>/sft/model")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("prompts", nargs="+")
+    chat.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

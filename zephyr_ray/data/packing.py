@@ -1,0 +1,77 @@
+"""Packing sequences into rows of at most ``max_length`` tokens, and collating rows into batches.
+
+Each packed row carries ``position_ids`` that restart at 0 for every sequence; with no attention mask,
+transformers builds a block-diagonal causal mask from them, so attention never crosses sequences.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from zephyr_ray.data.tokenize import IGNORE_INDEX
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into ``lengths``, longest first, each into the fullest bin it still fits."""
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit in rows of {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for i in order:
+        pos = bisect.bisect_left(free, (lengths[i], -1))
+        if pos == len(free):
+            bins.append([i])
+            space, b = capacity - lengths[i], len(bins) - 1
+        else:
+            space, b = free.pop(pos)
+            bins[b].append(i)
+            space -= lengths[i]
+        bisect.insort(free, (space, b))
+    return bins
+
+
+def pack_sequences(seqs: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Concatenate each bin's sequences; ``sample_ids`` lists what went into each row."""
+    rows = []
+    for b in best_fit_decreasing([len(s["input_ids"]) for s in seqs], max_length):
+        ids, labels, pos, sample_ids = [], [], [], []
+        for i in b:
+            n = len(seqs[i]["input_ids"])
+            ids += seqs[i]["input_ids"]
+            labels += seqs[i]["labels"]
+            pos += range(n)
+            sample_ids.append(seqs[i]["sample_id"])
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "sample_ids": sample_ids})
+    return rows
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, Any]:
+    """Right-pad ragged rows into tensors. Padding forms its own position run (0, 1, ...), so it is a
+    separate "sequence" that real tokens never attend to; its labels are ignored."""
+    import torch
+
+    rows = batch["input_ids"]
+    width = max(len(r) for r in rows)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(rows)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+    for r in range(n):
+        k = len(rows[r])
+        input_ids[r, :k] = rows[r]
+        labels[r, :k] = batch["labels"][r]
+        position_ids[r, :k] = batch["position_ids"][r]
+        position_ids[r, k:] = np.arange(width - k)
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
+        "sample_ids": [list(s) for s in batch["sample_ids"]],
+    }
+    return out

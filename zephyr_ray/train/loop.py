@@ -1,0 +1,204 @@
+"""The training loop every stage runs inside its Ray Train workers.
+
+A stage supplies an :class:`Objective` (how to collate a batch, how many loss units it holds, and the
+summed loss); the loop owns streaming, accumulation, normalisation, metrics, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from zephyr_ray.config import SFTRecipe
+
+log = logging.getLogger(__name__)
+DS_TAG = "ds"
+
+
+@dataclass
+class TrainerState:
+    """Where training is: saved with every checkpoint, so a restart resumes the step and the data."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0  # consumed by each worker in the current epoch
+    samples: int = 0  # global, sequences (or pairs) trained on
+    tokens: int = 0  # global, non-padding tokens
+
+
+@dataclass
+class StepPlan:
+    """Fixed by the driver's planning pass; identical on every worker."""
+
+    total_steps: int
+    micro_batches_per_epoch: int
+
+
+class Objective(Protocol):
+    def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Numpy rows from Ray Data → tensors (plus ``sample_ids`` and ``num_tokens``)."""
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """How many loss terms (tokens, pairs) the batch contributes to the step's mean."""
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed loss over the batch's units, and summed extra metrics (averaged by the loop)."""
+
+
+def _all_sum(values: list[float], device: Any) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any]) -> None:
+    """Every rank writes its DeepSpeed shards and reports; Ray Train merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG, client_state={"trainer_state": asdict(state)})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def restore_checkpoint(engine: Any) -> TrainerState | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag=DS_TAG)
+    return TrainerState(**client["trainer_state"])
+
+
+def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: SFTRecipe, plan: StepPlan, state: TrainerState,
+                 resumed: bool, logger: Any, trace: Path | None) -> TrainerState:
+    """Run optimizer steps until ``plan.total_steps`` or the data's end, checkpointing as configured."""
+    tc = cfg.train
+    device = engine.device
+    world = dist.get_world_size()
+    gas = tc.gradient_accumulation_steps
+    for epoch in range(state.epoch, tc.epochs):
+        batches = iter(shard.iter_torch_batches(batch_size=tc.micro_batch_size, collate_fn=objective.collate,
+                                                prefetch_batches=2))
+        for _ in islice(batches, state.micro_batches_in_epoch):
+            pass  # already trained on before the restart
+        while state.step < plan.total_steps:
+            t0 = time.perf_counter()
+            group = list(islice(batches, gas))
+            if not group:
+                break
+            units, tokens, samples = _all_sum(
+                [sum(objective.units(b) for b in group), sum(b["num_tokens"] for b in group),
+                 sum(len(ids) for b in group for ids in b["sample_ids"])], device)
+            # DeepSpeed divides by gas and averages over ranks; this makes the step's gradient the mean
+            # over every unit in the global batch, however they are spread across micro-batches.
+            scale = world * gas / max(units, 1.0)
+            loss_sum, extra_sums = torch.zeros((), dtype=torch.float64), {}
+            for i, batch in enumerate(group):
+                batch = _to(batch, device)
+                engine.set_gradient_accumulation_boundary(i == len(group) - 1)
+                loss, extras = objective.loss(engine, batch)
+                engine.backward(loss * scale)
+                loss_sum += loss.detach().double().cpu()
+                for k, v in extras.items():
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().double().cpu()
+            lr = engine.get_lr()[0]
+            engine.step()
+            keys = sorted(extra_sums)
+            sums = _all_sum([float(loss_sum), *(float(extra_sums[k]) for k in keys)], device)
+            elapsed = time.perf_counter() - t0
+            state.step += 1
+            state.micro_batches_in_epoch += len(group)
+            state.samples += int(samples)
+            state.tokens += int(tokens)
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "step": state.step, "epoch": epoch, "loss": sums[0] / max(units, 1.0), "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens / elapsed, "samples": state.samples, "tokens": state.tokens,
+                "step_time_s": elapsed,
+                **{k: v / max(units, 1.0) for k, v in zip(keys, sums[1:])},
+            }
+            if logger is not None:
+                logger.log(metrics)
+            if trace is not None:
+                with trace.open("a") as f:
+                    f.write(json.dumps({"step": state.step, "ids": [i for b in group for s in b["sample_ids"] for i in s]}) + "\n")
+            if state.step % tc.checkpoint_every == 0 or state.step == plan.total_steps:
+                save_checkpoint(engine, state, metrics)
+            if tc.inject_failure_at_step == state.step and not resumed:
+                raise RuntimeError(f"injected failure after step {state.step} (train.inject_failure_at_step)")
+        if state.step >= plan.total_steps:
+            break
+        state.epoch, state.micro_batches_in_epoch = epoch + 1, 0
+    return state
+
+
+def truncate_trace(trace: Path, step: int) -> None:
+    """Drop trace lines of steps the restart rolled back."""
+    if trace.exists():
+        kept = [line for line in trace.read_text().splitlines() if json.loads(line)["step"] <= step]
+        trace.write_text("".join(line + "\n" for line in kept))
+
+
+def run_worker(config: dict[str, Any], objective: Objective, schema: type) -> None:
+    """Body of every stage's ``train_loop_per_worker``: engine, restore, loop, final export."""
+    extensions_cache()
+    import ray.train
+
+    from zephyr_ray.config import from_dict
+    from zephyr_ray.models import load_tokenizer
+    from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
+    from zephyr_ray.train.metrics import MetricsLogger
+
+    cfg = from_dict(config["recipe"], schema)
+    model_path = config["model_path"]
+    plan = StepPlan(**config["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    out = Path(cfg.run.output_dir)
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
+    engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model.attn_implementation)
+    engine.train()
+    restored = restore_checkpoint(engine)
+    state = restored or TrainerState()
+    if restored and rank == 0:
+        log.info("resumed at step %d (epoch %d, micro-batch %d)", state.step, state.epoch, state.micro_batches_in_epoch)
+        with (out / "restarts.jsonl").open("a") as f:
+            f.write(json.dumps({"time": time.time(), **asdict(state)}) + "\n")
+    trace = None
+    if cfg.train.trace_samples:
+        trace = out / "samples" / f"rank{rank}.jsonl"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        truncate_trace(trace, state.step)
+    logger = MetricsLogger(out, cfg.wandb, cfg.run.name, config["recipe"], state.step) if rank == 0 else None
+    try:
+        train_epochs(engine, objective, ray.train.get_dataset_shard("train"), cfg, plan, state, restored is not None,
+                     logger, trace)
+        export_hf(engine, load_tokenizer(model_path), out / "model", rank == 0)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def extensions_cache() -> str:
+    """Where DeepSpeed JIT-builds its ops; a persistent cache so only the first run pays (~40 s)."""
+    path = os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zephyr-ray" / "torch_extensions"))
+    return path

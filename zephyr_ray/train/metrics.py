@@ -1,0 +1,57 @@
+"""Rank-0 metric sinks: ``metrics.jsonl`` in the run directory and W&B (offline unless a key is set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from zephyr_ray.config import WandbConfig
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """Appends one JSON line per step; on resume, lines past the restored step are dropped first so
+    the file is the trajectory of the run that survived, not of the attempt that crashed."""
+
+    def __init__(self, out_dir: str | Path, wandb_cfg: WandbConfig, run_name: str, config: dict[str, Any],
+                 resume_step: int = 0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self._wandb = None
+        if wandb_cfg.enabled and wandb_mode(wandb_cfg) != "disabled":
+            import wandb
+
+            id_file = Path(out_dir) / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, name=run_name, id=run_id,
+                                     resume="allow", dir=str(out_dir), mode=wandb_mode(wandb_cfg), config=config)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=metrics["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
