@@ -71,3 +71,15 @@ def test_deepspeed_conflict_is_an_error(tmp_path):
         deepspeed_config(DeepSpeedConfig(config=str(p)), TrainConfig(micro_batch_size=8), 1)
     with pytest.raises(ValueError, match="ZeRO stage 3"):
         deepspeed_config(DeepSpeedConfig(config=str(ROOT / "configs/deepspeed/zero2.json"), offload_params=True), TrainConfig(), 1)
+
+
+def test_offload_options_reach_the_zero_block():
+    from zephyr_ray.config import DeepSpeedConfig
+
+    ds = deepspeed_config(DeepSpeedConfig(config="configs/deepspeed/zero3.json", offload_optimizer=True, offload_params=True),
+                          TrainConfig(precision="fp32", max_grad_norm=0.5), 2)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 0.5
+    with pytest.raises(ValueError, match="stage 1, 2 or 3"):
+        deepspeed_config(DeepSpeedConfig(config="configs/deepspeed/zero0.json", offload_optimizer=True), TrainConfig(), 1)

@@ -48,14 +48,15 @@ def test_formats_keep_provenance(ray_cluster, tmp_path):
 
 
 def test_plan_reports_skips_and_errors_name_the_row(ray_cluster, tiny_model, tmp_path):
-    from zephyr_ray.data.sft import plan
+    from zephyr_ray.data.pipeline import plan
+    from zephyr_ray.data.sft import sft_examples
 
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps(r) for r in ROWS]
     lines.insert(3, json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]}))
     path.write_text("\n".join(lines) + "\n")
-    report = plan(read_rows(str(path)), tiny_model, DataConfig(on_bad_row="skip", max_length=64))
+    report = plan(read_rows(str(path)), sft_examples, tiny_model, DataConfig(on_bad_row="skip", max_length=64))
     assert (report.rows, report.used) == (6, 5)
     assert dict(report.skipped) == {"messages[*].role: expected 'assistant' (system? then alternating user/assistant), got 'user'": 1}
     with pytest.raises(BadRowError, match=rf"{path} line 4: field messages\[1\].role"):
-        plan(read_rows(str(path)), tiny_model, DataConfig(on_bad_row="error", max_length=64))
+        plan(read_rows(str(path)), sft_examples, tiny_model, DataConfig(on_bad_row="error", max_length=64))

@@ -6,14 +6,25 @@ import argparse
 import logging
 import sys
 
-from zephyr_ray.config import ConfigError, SFTRecipe, load_config
+from zephyr_ray.config import ConfigError, DPORecipe, SFTRecipe, load_config
 
 
 def _sft(args: argparse.Namespace) -> int:
     from zephyr_ray.train.sft import run_sft
 
     result = run_sft(load_config(args.config, args.overrides, SFTRecipe))
-    print(f"dSFT finished at step {result.steps} (loss {result.final_loss}); model: {result.model_dir.absolute()}")
+    print(f"dSFT finished at step {result.steps} (loss {result.final_metrics.get('loss')}); "
+          f"model: {result.model_dir.absolute()}")
+    return 0
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    from zephyr_ray.train.dpo import run_dpo
+
+    result = run_dpo(load_config(args.config, args.overrides, DPORecipe))
+    m = result.final_metrics
+    print(f"dDPO finished at step {result.steps} (loss {m.get('loss')}, reward accuracy {m.get('rewards/accuracies')}, "
+          f"margin {m.get('rewards/margins')}); model: {result.model_dir.absolute()}")
     return 0
 
 
@@ -35,10 +46,12 @@ def _chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zephyr-ray", description="The Zephyr alignment recipe on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sft = sub.add_parser("sft", help="distilled supervised fine-tuning (dSFT)")
-    sft.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny/sft.yaml")
-    sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
-    sft.set_defaults(func=_sft)
+    for name, func, help_ in (("sft", _sft, "distilled supervised fine-tuning (dSFT)"),
+                              ("dpo", _dpo, "distilled direct preference optimisation (dDPO)")):
+        stage = sub.add_parser(name, help=help_)
+        stage.add_argument("--config", required=True, help=f"recipe YAML, e.g. configs/tiny/{name}.yaml")
+        stage.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+        stage.set_defaults(func=func)
     chat = sub.add_parser("chat", help="greedy replies from an exported model, one per prompt")
     chat.add_argument("--model", required=True, help="HF model folder, e.g. runs/<id>/sft/model")
     chat.add_argument("--max-new-tokens", type=int, default=64)

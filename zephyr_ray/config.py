@@ -130,7 +130,36 @@ class SFTRecipe:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-RECIPES: dict[str, type] = {"sft": SFTRecipe}
+@dataclass
+class ReferenceConfig:
+    # precompute: Ray actors stream the frozen model's log-probs into the data once (workers never hold
+    # it); online: each worker keeps its own frozen copy (for data made on the fly).
+    mode: str = choice("precompute", "online")
+    # The frozen reference; None = the policy's starting point (model.path), i.e. the dSFT model.
+    path: str | None = None
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    batch_size: int = 16
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = choice("sigmoid", "ipo", "hinge")
+    label_smoothing: float = 0.0
+    # Weight of an NLL term on the chosen response (RPO); 0 disables it.
+    rpo_alpha: float = 0.0
+    max_prompt_length: int = 512
+    ref: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+@dataclass
+class DPORecipe(SFTRecipe):
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe}
 
 
 def _valid_keys(schema: type, dotted: str) -> tuple[str, list[str]]:
@@ -190,9 +219,11 @@ def from_dict(data: dict[str, Any], schema: type[T] = SFTRecipe) -> T:
 
 
 def resolve_path(path: str) -> str:
-    """A project-relative file (configs/...) found from the cwd first, then the project root."""
-    p = Path(path)
-    if p.is_absolute() or p.exists() or "://" in path:
+    """A local file found from the cwd first, then the project root (made absolute so Ray workers with
+    another cwd find it too); URLs and hub ids come back unchanged."""
+    if "://" in path:
         return path
-    candidate = PROJECT_ROOT / p
-    return str(candidate) if candidate.exists() else path
+    for candidate in (Path(path), PROJECT_ROOT / path):
+        if candidate.exists():
+            return str(candidate.absolute())
+    return path

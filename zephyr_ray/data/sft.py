@@ -1,25 +1,17 @@
-"""The dSFT data pipeline: raw rows → validated dialogues → token ids with assistant labels → packed rows.
-
-Runs inside Ray Data ``map_batches`` tasks; the same code gives the driver's planning pass (counts,
-skips, steps) and the stream the train workers consume, so the two always agree.
-"""
+"""dSFT examples: validated dialogues → token ids with assistant labels → packed rows."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.config import DataConfig
 from zephyr_ray.data.packing import pack_sequences
-from zephyr_ray.data.rows import DataReport, raise_bad_row, valid_rows
+from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem, validate_messages
-from zephyr_ray.data.tokenize import IGNORE_INDEX, cached_tokenizer, tokenize_messages
+from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    import ray.data
-
-log = logging.getLogger(__name__)
 
 
 def _validate(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -59,43 +51,8 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) ->
     return out, report
 
 
-def _schema() -> pa.Schema:
+def sft_schema() -> pa.Schema:
     import pyarrow as pa
 
     ints = pa.list_(pa.int64())
     return pa.schema([("input_ids", ints), ("labels", ints), ("position_ids", ints), ("sample_ids", pa.list_(pa.string()))])
-
-
-def _sft_batch(batch: pa.Table, tokenizer_path: str, cfg: DataConfig) -> pa.Table:
-    import pyarrow as pa
-
-    out, _ = sft_examples(batch.to_pylist(), cached_tokenizer(tokenizer_path), cfg)
-    return pa.Table.from_pylist(out, schema=_schema())
-
-
-def _sft_report(batch: pa.Table, tokenizer_path: str, cfg: DataConfig) -> pa.Table:
-    import pyarrow as pa
-
-    _, report = sft_examples(batch.to_pylist(), cached_tokenizer(tokenizer_path), cfg)
-    return pa.table({"report": [report.to_json()]})
-
-
-def sft_dataset(rows: ray.data.Dataset, tokenizer_path: str, cfg: DataConfig, report: bool = False) -> ray.data.Dataset:
-    """Training rows (or, with ``report``, one DataReport per batch) from raw rows."""
-    if cfg.shuffle:
-        rows = rows.random_shuffle(seed=cfg.seed)
-    fn = _sft_report if report else _sft_batch
-    return rows.map_batches(fn, batch_format="pyarrow", batch_size=cfg.pack_window,
-                            fn_kwargs={"tokenizer_path": tokenizer_path, "cfg": cfg})
-
-
-def plan(rows: ray.data.Dataset, tokenizer_path: str, cfg: DataConfig) -> DataReport:
-    """One streaming pass on the cluster: validates every row and counts training rows and tokens."""
-    total = DataReport()
-    try:
-        for item in sft_dataset(rows, tokenizer_path, cfg, report=True).iter_rows():
-            total.merge(DataReport.from_json(item["report"]))
-    except Exception as exc:
-        raise_bad_row(exc)
-        raise
-    return total

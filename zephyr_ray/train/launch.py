@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zephyr_ray.config import SFTRecipe, to_dict
+from zephyr_ray.config import SFTRecipe, resolve_path, to_dict
 from zephyr_ray.train.loop import StepPlan, extensions_cache
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,45 @@ def fit(train_fn: Callable[[dict[str, Any]], None], cfg: SFTRecipe, dataset: Any
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
+
+
+@dataclass
+class StageResult:
+    output_dir: Path
+    model_dir: Path
+    steps: int
+    final_metrics: dict[str, Any]
+
+
+def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
+              prepare: Callable[[Any, str, Path], Any] | None = None) -> StageResult:
+    """A training stage end to end: resolve the model, plan the data on the cluster (validating every
+    row), optionally ``prepare`` the stream (e.g. add reference log-probs), train, export."""
+    from zephyr_ray.data.pipeline import plan, stage_dataset
+    from zephyr_ray.data.readers import read_rows
+    from zephyr_ray.models import resolve_model_path
+    from zephyr_ray.train.metrics import read_metrics
+
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("%s run directory: %s", cfg.run.name, out.absolute())
+    model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed)
+    ensure_ray()
+    rows = read_rows(resolve_path(cfg.data.path), cfg.data.format, cfg.data.split, cfg.data.limit)
+    report = plan(rows, examples, model_path, cfg.data)
+    step_plan, dropped = plan_steps(report.packed_rows, cfg.scaling.num_workers, cfg)
+    summary = {**json.loads(report.to_json()), "dropped_by_equal_split": dropped, "total_steps": step_plan.total_steps}
+    (out / "data_report.json").write_text(json.dumps(summary, indent=2))
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log.info("data: %s", report.summary())
+    if dropped:
+        log.warning("%d of %d training rows are left out so that each of %d workers gets the same number",
+                    dropped, report.packed_rows, cfg.scaling.num_workers)
+    dataset = stage_dataset(rows, examples, schema, model_path, cfg.data)
+    if prepare is not None:
+        dataset = prepare(dataset, model_path, out)
+    log.info("training %d steps on %d workers", step_plan.total_steps, cfg.scaling.num_workers)
+    fit(train_fn, cfg, dataset, model_path, step_plan)
+    metrics = read_metrics(out)
+    log.info("%s done: model in %s", cfg.run.name, (out / "model").absolute())
+    return StageResult(out, out / "model", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})

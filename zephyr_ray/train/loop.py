@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -156,8 +157,9 @@ def truncate_trace(trace: Path, step: int) -> None:
         trace.write_text("".join(line + "\n" for line in kept))
 
 
-def run_worker(config: dict[str, Any], objective: Objective, schema: type) -> None:
-    """Body of every stage's ``train_loop_per_worker``: engine, restore, loop, final export."""
+def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any], Objective], schema: type) -> None:
+    """Body of every stage's ``train_loop_per_worker``: engine, objective (``make_objective(cfg,
+    model_path, device)``), restore, loop, final export."""
     extensions_cache()
     import ray.train
 
@@ -176,6 +178,7 @@ def run_worker(config: dict[str, Any], objective: Objective, schema: type) -> No
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
     engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model.attn_implementation)
     engine.train()
+    objective = make_objective(cfg, model_path, engine.device)
     restored = restore_checkpoint(engine)
     state = restored or TrainerState()
     if restored and rank == 0:
