@@ -109,19 +109,21 @@ def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: SFTRecipe, 
             # DeepSpeed divides by gas and averages over ranks; this makes the step's gradient the mean
             # over every unit in the global batch, however they are spread across micro-batches.
             scale = world * gas / max(units, 1.0)
-            loss_sum, extra_sums = torch.zeros((), dtype=torch.float64), {}
+            # Sums stay on the device until one all-reduce per step (no host sync per micro-batch).
+            sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(group):
                 batch = _to(batch, device)
                 engine.set_gradient_accumulation_boundary(i == len(group) - 1)
                 loss, extras = objective.loss(engine, batch)
                 engine.backward(loss * scale)
-                loss_sum += loss.detach().double().cpu()
-                for k, v in extras.items():
-                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().double().cpu()
+                for k, v in {"loss": loss, **extras}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
             lr = engine.get_lr()[0]
             engine.step()
-            keys = sorted(extra_sums)
-            sums = _all_sum([float(loss_sum), *(float(extra_sums[k]) for k in keys)], device)
+            keys = sorted(sums)
+            totals = torch.stack([sums[k] for k in keys])
+            dist.all_reduce(totals)
+            means = {k: v / max(units, 1.0) for k, v in zip(keys, totals.tolist())}
             elapsed = time.perf_counter() - t0
             state.step += 1
             state.micro_batches_in_epoch += len(group)
@@ -129,11 +131,10 @@ def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: SFTRecipe, 
             state.tokens += int(tokens)
             grad_norm = engine.get_global_grad_norm()
             metrics = {
-                "step": state.step, "epoch": epoch, "loss": sums[0] / max(units, 1.0), "lr": lr,
+                "step": state.step, "epoch": epoch, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens / elapsed, "samples": state.samples, "tokens": state.tokens,
-                "step_time_s": elapsed,
-                **{k: v / max(units, 1.0) for k, v in zip(keys, sums[1:])},
+                "step_time_s": elapsed, **means,
             }
             if logger is not None:
                 logger.log(metrics)
