@@ -53,12 +53,10 @@ def test_extreme_margins_stay_finite(loss_type, margin):
 
 
 def test_sequence_logps_by_hand():
-    # One row holding two sequences (positions restart), vocab 2, uniform logits except one position.
-    logits = torch.zeros(1, 5, 2)
-    logits[0, 1] = torch.tensor([0.0, math.log(3.0)])  # p(token 1) = 0.75 at position 1
-    labels = torch.tensor([[-100, 0, 1, -100, 1]])
-    pos = torch.tensor([[0, 1, 2, 0, 1]])
-    seq = torch.tensor([[0, 0, 0, 1, 1]])
-    logps, counts, _ = sequence_logps(logits, labels, pos, seq, 2)
+    # Three selected positions, vocab 2: two belong to sequence 0, one to sequence 1.
+    logits = torch.zeros(3, 2)
+    logits[1] = torch.tensor([0.0, math.log(3.0)])  # p(token 1) = 0.75
+    logps, counts, logit_sums = sequence_logps(logits, torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), 2)
     assert counts.tolist() == [2, 1]
     assert logps.tolist() == pytest.approx([math.log(0.5) + math.log(0.75), math.log(0.5)])
+    assert logit_sums.tolist() == pytest.approx([math.log(3.0) / 2, 0.0])

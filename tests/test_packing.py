@@ -5,7 +5,7 @@ import torch
 from zephyr_ray.data.packing import best_fit_decreasing, collate, pack_sequences
 from zephyr_ray.data.samples import sample_dialogues
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
-from zephyr_ray.train.losses import shifted_labels, token_nll_sum
+from zephyr_ray.train.losses import label_logits, shifted_labels, token_nll_sum
 
 
 def test_best_fit_decreasing():
@@ -48,36 +48,50 @@ def test_packed_loss_equals_token_weighted_loss_of_single_sequences(tiny_model, 
     from zephyr_ray.models import load_model
 
     model = load_model(tiny_model).eval()
-    # Training never uses a KV cache; with one, transformers ignores packed position_ids.
     seqs = _seqs(tokenizer, 7)
     rows = pack_sequences(seqs, max_length=160)
     assert len(rows) < len(seqs)  # several sequences really share a row
     batch = collate(_rows_to_batch(rows), tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        packed_sum, packed_n = token_nll_sum(logits, batch["labels"], batch["position_ids"])
+        logits, targets, keep = label_logits(model, batch)
+        packed_sum, packed_n = token_nll_sum(logits, targets).item(), len(targets)
         total, count = 0.0, 0
         for s in seqs:
-            ids = torch.tensor([s["input_ids"]])
-            single = model(input_ids=ids).logits
-            loss, n = token_nll_sum(single, torch.tensor([s["labels"]]), torch.arange(ids.shape[1])[None])
-            total, count = total + loss.item(), count + n
+            one = {"input_ids": torch.tensor([s["input_ids"]]), "labels": torch.tensor([s["labels"]]),
+                   "position_ids": torch.arange(len(s["input_ids"]))[None]}
+            lg, tg, _ = label_logits(model, one)
+            total, count = total + token_nll_sum(lg, tg).item(), count + len(tg)
     assert packed_n == count == sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in seqs)
-    assert packed_sum.item() / packed_n == pytest.approx(total / count, abs=1e-5)
+    assert packed_sum / packed_n == pytest.approx(total / count, abs=1e-5)
 
     # Without the position_ids restart, attention crosses sequences and the loss changes: the test can fail.
     naive = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     with torch.no_grad():
-        leaked = model(input_ids=batch["input_ids"], position_ids=naive, use_cache=False).logits
-    assert abs(token_nll_sum(leaked, batch["labels"], batch["position_ids"])[0].item() / packed_n - total / count) > 1e-3
+        leaked = model(input_ids=batch["input_ids"], position_ids=naive, use_cache=False).logits[keep]
+    assert abs(token_nll_sum(leaked, targets).item() / packed_n - total / count) > 1e-3
+
+
+def test_logits_only_where_trained_equal_the_full_forward(tiny_model, tokenizer):
+    from zephyr_ray.models import load_model
+
+    model = load_model(tiny_model).eval()
+    batch = collate(_rows_to_batch(pack_sequences(_seqs(tokenizer, 4), 200)), tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits, targets, keep = label_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    assert keep.sum() == len(targets) == len(logits) < keep.numel() / 2
+    assert torch.allclose(logits, full[keep], atol=1e-5)
+    expected = shifted_labels(batch["labels"], batch["position_ids"])
+    assert targets.tolist() == expected[expected != IGNORE_INDEX].tolist()
+
+
+def test_shifted_labels_never_cross_sequences():
+    labels = torch.tensor([[-100, 1, 2, -100, 4]])
+    assert shifted_labels(labels, torch.arange(5)[None]).tolist() == [[1, 2, -100, 4]]
+    # Position 2 starts a new packed sequence, so its token is not predicted from position 1.
+    assert shifted_labels(labels, torch.tensor([[0, 1, 0, 1, 2]])).tolist() == [[1, -100, -100, 4]]
 
 
 def test_token_nll_sum_by_hand():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]]]))
-    labels = torch.tensor([[-100, 1, 2, -100]])
-    loss, n = token_nll_sum(logits, labels, torch.arange(4)[None])
-    assert n == 2
-    assert loss.item() == pytest.approx(-np.log(0.25) - np.log(0.1), abs=1e-6)
-    # Position 2 starts a new packed sequence, so its token is not predicted from position 1.
-    loss, n = token_nll_sum(logits, labels, torch.tensor([[0, 1, 0, 1]]))
-    assert n == 1 and loss.item() == pytest.approx(-np.log(0.25), abs=1e-6)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
+    assert token_nll_sum(logits, torch.tensor([1, 2])).item() == pytest.approx(-np.log(0.25) - np.log(0.1), abs=1e-6)

@@ -20,7 +20,7 @@ from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
 from zephyr_ray.train.launch import StageResult, run_stage
-from zephyr_ray.train.losses import preference_loss, sequence_logps
+from zephyr_ray.train.losses import label_logits, preference_loss, sequence_logps
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -62,8 +62,8 @@ def collate_pairs(batch: dict[str, Any], pad_id: int, packing: bool) -> dict[str
 
 def forward_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs, response lengths and summed mean logits of the 2B sequences."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"], batch["position_ids"], batch["seq_index"], 2 * batch["num_pairs"])
+    logits, targets, keep = label_logits(model, batch)
+    return sequence_logps(logits, targets, batch["seq_index"][keep], 2 * batch["num_pairs"])
 
 
 @dataclass

@@ -3,6 +3,8 @@ gradient step weights every token equally across micro-batches, accumulation ste
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -16,30 +18,35 @@ def shifted_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Te
     return target
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and how many there were."""
-    target = shifted_labels(labels, position_ids)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((target != IGNORE_INDEX).sum())
+def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only at positions whose next token is trained, their targets, and where they are.
 
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor,
-                   num_seqs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of response-token log-probs, token counts and summed mean-logits.
-
-    ``seq_index`` gives, per position, which sequence the token belongs to (-1 for padding), so the
-    same code serves one sequence per row and several packed into a row.
+    ``logits_to_keep`` (a boolean mask) skips the LM head on prompts and padding: for small models the
+    head is the largest matmul, and at any size the full-vocab logits are the largest activation.
+    No attention mask is passed: position_ids alone give each packed sequence its own causal block.
     """
-    target = shifted_labels(labels, position_ids)
-    mask = target != IGNORE_INDEX
-    lg = logits[:, :-1][mask].float()
-    token_logps = -F.cross_entropy(lg, target[mask], reduction="none")
-    idx = seq_index[:, 1:][mask]
-    logps = torch.zeros(num_seqs, dtype=torch.float32, device=logits.device).index_add(0, idx, token_logps)
-    counts = torch.zeros(num_seqs, dtype=torch.float32, device=logits.device).index_add(0, idx, torch.ones_like(token_logps))
-    logit_sums = torch.zeros(num_seqs, dtype=torch.float32, device=logits.device).index_add(0, idx, lg.detach().mean(-1))
-    return logps, counts, logit_sums
+    target = shifted_labels(batch["labels"], batch["position_ids"])
+    valid = target != IGNORE_INDEX
+    keep = F.pad(valid, (0, 1))  # position t predicts t + 1; the last position predicts nothing
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   logits_to_keep=keep).logits
+    return logits.reshape(-1, logits.shape[-1]), target[valid], keep
+
+
+def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) over the selected positions."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of target log-probs, target counts and summed mean-logits, where ``seq_ids``
+    says which sequence each selected position belongs to (several may share a packed row)."""
+    logits = logits.float()
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    zeros = torch.zeros(num_seqs, dtype=torch.float32, device=logits.device)
+    return (zeros.index_add(0, seq_ids, token_logps), zeros.index_add(0, seq_ids, torch.ones_like(token_logps)),
+            zeros.index_add(0, seq_ids, logits.detach().mean(-1)))
 
 
 def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,

@@ -10,7 +10,7 @@ import torch
 from zephyr_ray.config import SFTRecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.train.launch import StageResult, run_stage
-from zephyr_ray.train.losses import shifted_labels, token_nll_sum
+from zephyr_ray.train.losses import label_logits, shifted_labels, token_nll_sum
 
 
 @dataclass
@@ -26,10 +26,8 @@ class SFTObjective:
         return int((shifted_labels(batch["labels"], batch["position_ids"]) != -100).sum())
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # No attention mask: position_ids alone give each packed sequence its own causal block.
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        loss, _ = token_nll_sum(logits, batch["labels"], batch["position_ids"])
-        return loss, {}
+        logits, targets, _ = label_logits(model, batch)
+        return token_nll_sum(logits, targets), {}
 
 
 def sft_train_loop(config: dict[str, Any]) -> None:
