@@ -31,6 +31,8 @@ test: install
 
 bench: install
 	$(PY) bench/sft_throughput.py
+	$(PY) bench/dpo_throughput.py
+	$(PY) bench/generation_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check zephyr_ray jobs bench tests

@@ -11,15 +11,34 @@ DS_FILES = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 
 
 def test_there_are_recipes():
-    assert {p.stem for p in RECIPE_FILES} >= {"sft"}
+    assert {p.stem for p in RECIPE_FILES} >= {"sft", "dpo", "generate", "aif", "selfinstruct"}
     assert {p.name for p in DS_FILES} >= {"zero0.json", "zero2.json", "zero3.json"}
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_loads(path):
     cfg = load_config(path, [], RECIPES[path.stem])
-    ds = deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.num_workers)
-    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * cfg.scaling.num_workers
+    if hasattr(cfg, "deepspeed"):
+        ds = deepspeed_config(cfg.deepspeed, cfg.train, cfg.scaling.num_workers)
+        assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * cfg.scaling.num_workers
+    # Prompt templates a recipe names ship with the project.
+    for judge in getattr(cfg, "judges", []):
+        assert (ROOT / judge.templates).is_dir()
+    if hasattr(cfg, "next_user_template"):
+        assert (ROOT / cfg.next_user_template).is_file()
+
+
+def test_list_sections_validate_items_and_take_indexed_overrides(tmp_path):
+    from zephyr_ray.config import AIFRecipe
+
+    cfg = load_config(ROOT / "configs/tiny/aif.yaml", ["candidates.1.tiny_seed=9", "sampling.stop=[x,y]"], AIFRecipe)
+    assert [c.tiny_seed for c in cfg.candidates] == [1, 9, 3] and cfg.sampling.stop == ["x", "y"]
+    with pytest.raises(ConfigError, match=r"unknown key 'candidates\[0\].bogus'.*max_concurrency"):
+        load_config(ROOT / "configs/tiny/aif.yaml", ["candidates.0.bogus=1"], AIFRecipe)
+    bad = tmp_path / "aif.yaml"
+    bad.write_text("judges:\n  - mode: expected\n    engine: {backend: tensorflow}\n")
+    with pytest.raises(ConfigError, match=r"judges\[0\].engine.backend='tensorflow'"):
+        load_config(bad, [], AIFRecipe)
 
 
 @pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from zephyr_ray.config import DPORecipe, load_config
+from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.preference import tokenize_pair, validate_pair
-from zephyr_ray.data.samples import sample_preferences, write_jsonl
+from zephyr_ray.data.samples import sample_preferences
 from zephyr_ray.train.dpo import collate_pairs, forward_logps
 from zephyr_ray.train.metrics import read_metrics
 

@@ -42,3 +42,19 @@ def test_base_tokenizer_without_template_gets_zephyrs(tmp_path):
     assert "{% generation %}" in again.chat_template
     with pytest.raises(OSError):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_base_tokenizer_gets_zephyr_template_without_growing_vocab(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from zephyr_ray.models import ZEPHYR_CHAT_TEMPLATE
+
+    base = AutoTokenizer.from_pretrained(tiny_model)
+    base.chat_template = None
+    base.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.chat_template == ZEPHYR_CHAT_TEMPLATE
+    assert len(tok) == len(base)  # the model's embeddings still cover every id
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<s><|user|>\nhi</s>\n<|assistant|>\n"

@@ -95,3 +95,20 @@ def test_shifted_labels_never_cross_sequences():
 def test_token_nll_sum_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
     assert token_nll_sum(logits, torch.tensor([1, 2])).item() == pytest.approx(-np.log(0.25) - np.log(0.1), abs=1e-6)
+
+
+def test_packed_rows_are_shuffled_reproducibly(tokenizer):
+    from zephyr_ray.config import DataConfig
+    from zephyr_ray.data.samples import sample_dialogues
+    from zephyr_ray.data.sft import sft_examples
+
+    raw = [{**d, "_source": "s.jsonl", "_row": i} for i, d in enumerate(sample_dialogues(64, seed=3))]
+    ordered, _ = sft_examples(raw, tokenizer, DataConfig(max_length=256, shuffle=False))
+    mixed, _ = sft_examples(raw, tokenizer, DataConfig(max_length=256, shuffle=True, seed=1))
+    again, _ = sft_examples(raw, tokenizer, DataConfig(max_length=256, shuffle=True, seed=1))
+    other, _ = sft_examples(raw, tokenizer, DataConfig(max_length=256, shuffle=True, seed=2))
+    key = [r["sample_ids"] for r in ordered]
+    assert sorted(key) == sorted(r["sample_ids"] for r in mixed)  # same rows, nothing lost or repeated
+    assert [r["sample_ids"] for r in mixed] == [r["sample_ids"] for r in again]
+    assert [r["sample_ids"] for r in mixed] != key
+    assert [r["sample_ids"] for r in mixed] != [r["sample_ids"] for r in other]

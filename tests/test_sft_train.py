@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from zephyr_ray.config import SFTRecipe, load_config
-from zephyr_ray.data.samples import sample_dialogues, write_jsonl
+from zephyr_ray.data.io import write_jsonl
+from zephyr_ray.data.samples import sample_dialogues
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
 from zephyr_ray.train.metrics import read_metrics
 

@@ -6,25 +6,64 @@ import argparse
 import logging
 import sys
 
-from zephyr_ray.config import ConfigError, DPORecipe, SFTRecipe, load_config
+from zephyr_ray.config import (
+    AIFRecipe,
+    ConfigError,
+    DPORecipe,
+    GenerateRecipe,
+    SelfInstructRecipe,
+    SFTRecipe,
+    load_config,
+)
 
 
-def _sft(args: argparse.Namespace) -> int:
+def _sft(cfg: SFTRecipe) -> str:
     from zephyr_ray.train.sft import run_sft
 
-    result = run_sft(load_config(args.config, args.overrides, SFTRecipe))
-    print(f"dSFT finished at step {result.steps} (loss {result.final_metrics.get('loss')}); "
-          f"model: {result.model_dir.absolute()}")
-    return 0
+    result = run_sft(cfg)
+    return f"dSFT finished at step {result.steps} (loss {result.final_metrics.get('loss')}); model: {result.model_dir.absolute()}"
 
 
-def _dpo(args: argparse.Namespace) -> int:
+def _dpo(cfg: DPORecipe) -> str:
     from zephyr_ray.train.dpo import run_dpo
 
-    result = run_dpo(load_config(args.config, args.overrides, DPORecipe))
+    result = run_dpo(cfg)
     m = result.final_metrics
-    print(f"dDPO finished at step {result.steps} (loss {m.get('loss')}, reward accuracy {m.get('rewards/accuracies')}, "
-          f"margin {m.get('rewards/margins')}); model: {result.model_dir.absolute()}")
+    return (f"dDPO finished at step {result.steps} (loss {m.get('loss')}, reward accuracy {m.get('rewards/accuracies')}, "
+            f"margin {m.get('rewards/margins')}); model: {result.model_dir.absolute()}")
+
+
+def _generate(cfg: GenerateRecipe) -> str:
+    from zephyr_ray.generation.run import run_generate
+
+    return f"completions: {run_generate(cfg).absolute()}"
+
+
+def _aif(cfg: AIFRecipe) -> str:
+    from zephyr_ray.feedback.aif import run_aif
+
+    result = run_aif(cfg)
+    return f"{result.pairs} preference pairs ({result.skipped} prompts skipped): {result.path.absolute()}"
+
+
+def _selfinstruct(cfg: SelfInstructRecipe) -> str:
+    from zephyr_ray.feedback.selfinstruct import run_selfinstruct
+
+    return f"dialogues: {run_selfinstruct(cfg).absolute()}"
+
+
+STAGES = {
+    "sft": (SFTRecipe, _sft, "distilled supervised fine-tuning (dSFT)"),
+    "dpo": (DPORecipe, _dpo, "distilled direct preference optimisation (dDPO)"),
+    "generate": (GenerateRecipe, _generate, "completions of one model for a prompt set"),
+    "aif": (AIFRecipe, _aif, "AI feedback: candidates answer, judges rate, best vs random lower become pairs"),
+    "selfinstruct": (SelfInstructRecipe, _selfinstruct, "multi-turn dSFT dialogues written by a teacher from seed prompts"),
+}
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    schema, run, _ = STAGES[args.command]
+    print(run(load_config(args.config, args.overrides, schema)))
     return 0
 
 
@@ -46,12 +85,11 @@ def _chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zephyr-ray", description="The Zephyr alignment recipe on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help_ in (("sft", _sft, "distilled supervised fine-tuning (dSFT)"),
-                              ("dpo", _dpo, "distilled direct preference optimisation (dDPO)")):
+    for name, (_, _, help_) in STAGES.items():
         stage = sub.add_parser(name, help=help_)
         stage.add_argument("--config", required=True, help=f"recipe YAML, e.g. configs/tiny/{name}.yaml")
-        stage.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
-        stage.set_defaults(func=func)
+        stage.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.output_dir=runs/x")
+        stage.set_defaults(func=_run_stage)
     chat = sub.add_parser("chat", help="greedy replies from an exported model, one per prompt")
     chat.add_argument("--model", required=True, help="HF model folder, e.g. runs/<id>/sft/model")
     chat.add_argument("--max-new-tokens", type=int, default=64)

@@ -7,13 +7,14 @@ type or a value outside a field's choices, and the message names the key and wha
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from zephyr_ray.generation.types import SamplingParams
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,9 @@ class ScalingConfig:
     # Fractional CPUs leave headroom for Ray Data on small machines (2 workers on 2 cores stall at 1.0).
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # torch intra-op threads per worker; None keeps Ray's choice (OMP_NUM_THREADS = whole CPUs reserved,
+    # at least 1). On a CPU-only box with fractional workers, more threads than reserved CPUs can pay.
+    threads_per_worker: int | None = None
 
 
 @dataclass
@@ -159,19 +163,116 @@ class DPORecipe(SFTRecipe):
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
-RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe}
+@dataclass
+class EngineConfig:
+    """One generation backend and where it runs (a candidate model, a judge, a teacher)."""
+
+    # Label written next to every completion (e.g. the candidate model's name).
+    name: str = "tiny"
+    backend: str = choice("transformers", "vllm", "openai")
+    # transformers/vllm: HF directory or hub id (None builds the tiny random model with tiny_seed);
+    # openai: the model name sent to the endpoint.
+    path: str | None = None
+    revision: str | None = None
+    tiny_seed: int = 0
+    precision: str = choice("fp32", "bf16", "fp16")
+    attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
+    trust_remote_code: bool = False
+    # Conversations per forward batch (transformers; bucketed by prompt length).
+    batch_size: int = 16
+    # Prompts longer than this many tokens are cut from the left (keeps the latest turns).
+    max_prompt_length: int = 2048
+    # openai: endpoint, the env var holding the key (never the key itself), concurrency and retries.
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    # vllm
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    # Ray actor pool hosting the engine.
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    # Prompts per Ray task: the unit that is written, retried after an actor crash, and skipped on resume.
+    rows_per_task: int = 64
+    # Testing fault tolerance: the first actor to take a task exits mid-task, once per output folder.
+    inject_crash_once: bool = False
 
 
-def _valid_keys(schema: type, dotted: str) -> tuple[str, list[str]]:
-    """The deepest existing section of ``dotted`` and the keys valid there."""
-    node, walked = schema, []
-    for part in dotted.split(".")[:-1]:
-        sub = typing.get_type_hints(node).get(part)
-        if not dataclasses.is_dataclass(sub):
-            break
-        node = sub
-        walked.append(part)
-    return ".".join(walked) or "<root>", sorted(f.name for f in dataclasses.fields(node))
+@dataclass
+class PromptsConfig:
+    # Rows with `prompt` (str) or `messages` (a conversation ending in a user turn); `prompt_id` is
+    # optional (sha256 of the prompt when absent). Same readers as training data.
+    path: str = "data/sample/prompts.jsonl"
+    format: str = choice("auto", "jsonl", "parquet", "hf_disk", "hf_hub")
+    split: str = "train"
+    limit: int | None = None
+    on_bad_row: str = choice("error", "skip")
+
+
+@dataclass
+class GenerateRecipe:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="generate", output_dir="runs/generate"))
+
+
+@dataclass
+class JudgeConfig:
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(name="judge"))
+    # generate: parse "Rating: N" from the judge's text; expected: sum_k k * P(k) from next-token
+    # probabilities (local transformers/vllm judges only; never fails to parse).
+    mode: str = choice("generate", "expected")
+    templates: str = "configs/prompts/ultrafeedback"
+    aspects: list[str] = field(default_factory=lambda: ["instruction_following", "honesty", "truthfulness",
+                                                        "helpfulness"])
+    # Calls per (completion, aspect) before an unparseable rating is marked missing.
+    max_attempts: int = 3
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128))
+
+
+@dataclass
+class AIFRecipe:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    # Each candidate answers every prompt (sampling.n completions each).
+    candidates: list[EngineConfig] = field(default_factory=lambda: [EngineConfig()])
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.95))
+    # Pre-generated completions (rows: prompt, model, completion[, prompt_id]); skips generation.
+    completions: str | None = None
+    # Several judges are averaged and their agreement reported.
+    judges: list[JudgeConfig] = field(default_factory=lambda: [JudgeConfig()])
+    # Picks the random `rejected` (reproducible per prompt_id).
+    seed: int = 0
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="aif", output_dir="runs/aif"))
+
+
+@dataclass
+class SelfInstructRecipe:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    teacher: EngineConfig = field(default_factory=lambda: EngineConfig(name="teacher"))
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.95))
+    # User/assistant exchanges per dialogue (the teacher writes every user turn after the seed).
+    turns: int = 3
+    next_user_template: str = "configs/prompts/selfinstruct/next_user.txt"
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="selfinstruct", output_dir="runs/selfinstruct"))
+
+
+RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe, "generate": GenerateRecipe, "aif": AIFRecipe,
+                            "selfinstruct": SelfInstructRecipe}
+
+
+def _unknown_key(exc: OmegaConfBaseException, schema: type) -> str:
+    """Name the unknown key, the section it was looked up in and the keys valid there."""
+    key = str(exc.full_key) if getattr(exc, "full_key", None) else str(exc)
+    node = getattr(exc, "object_type", None)
+    if not dataclasses.is_dataclass(node):
+        node = schema
+    parent = key.rsplit(".", 1)[0] if "." in key else ("<root>" if node is schema else node.__name__)
+    valid = sorted(f.name for f in dataclasses.fields(node))
+    return f"unknown key '{key}'; valid keys under {parent}: {', '.join(valid)}"
 
 
 def _check_choices(obj: Any, prefix: str = "") -> None:
@@ -180,6 +281,10 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_choices(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{key}[{i}].")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
 
@@ -195,13 +300,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value")
-        if overrides:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            key, value = item.split("=", 1)
+            # update() (not a merged dotlist) so `candidates.0.name=x` reaches a list element.
+            OmegaConf.update(base, key, OmegaConf.from_dotlist([f"value={value}"]).value, merge=True)
         obj = OmegaConf.to_object(base)
-    except ConfigKeyError as exc:
-        key = str(exc.full_key) if getattr(exc, "full_key", None) else str(exc)
-        section, valid = _valid_keys(schema, key)
-        raise ConfigError(f"{source}: unknown key '{key}'; valid keys under {section}: {', '.join(valid)}") from None
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        raise ConfigError(f"{source}: {_unknown_key(exc, schema)}") from None
     except OmegaConfBaseException as exc:
         msg = str(getattr(exc, "msg", exc)).splitlines()[0]
         raise ConfigError(f"{source}: {getattr(exc, 'full_key', None) or '<root>'}: {msg}") from None

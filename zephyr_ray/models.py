@@ -46,9 +46,9 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 
     tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if not tok.chat_template:
-        # Base models (Mistral-7B-v0.1) have none: Zephyr's template is the recipe's.
+        # Base models (Mistral-7B-v0.1) have none: Zephyr's template is the recipe's. Its role markers
+        # stay plain text (as in zephyr-7b-beta's tokenizer), so the vocabulary and embeddings match.
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
-        tok.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -7,11 +7,12 @@ so a tiny model can visibly learn them and a wrong answer makes a clear ``reject
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from zephyr_ray.data.io import write_jsonl
 
 WORDS = ["river", "mountain", "café", "naïve", "garden", "rocket", "señor", "über", "piano", "zephyr",
          "lantern", "harbor", "Straße", "jalapeño", "orbit", "meadow", "東京", "данные", "λόγος", "🙂smile"]
@@ -108,16 +109,14 @@ def sample_preferences(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return p
+def sample_prompts(n: int, seed: int = 0) -> list[dict]:
+    """``n`` single-turn prompts (``prompt``, ``prompt_id``): seeds for AI feedback and self-instruct."""
+    r = random.Random(seed + 2)
+    return [{"prompt": r.choice(TASKS)(r)[0], "prompt_id": f"prompt-{seed}-{i:05d}"} for i in range(n)]
 
 
-SHIPPED = {"sft.jsonl": lambda: sample_dialogues(256), "prefs.jsonl": lambda: sample_preferences(256)}
+SHIPPED = {"sft.jsonl": lambda: sample_dialogues(256), "prefs.jsonl": lambda: sample_preferences(256),
+           "prompts.jsonl": lambda: sample_prompts(64)}
 
 
 def write_samples(out_dir: str | Path) -> None:

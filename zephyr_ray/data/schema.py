@@ -39,8 +39,9 @@ class RowRef:
         return BadRowError(f"{self}: {problem} (set data.on_bad_row=skip to count and skip such rows)")
 
 
-def validate_messages(messages: Any, field: str = "messages") -> list[dict[str, str]]:
-    """Check ``system``? then alternating ``user``/``assistant``, non-empty strings, last turn assistant."""
+def validate_messages(messages: Any, field: str = "messages", last_role: str = "assistant") -> list[dict[str, str]]:
+    """Check ``system``? then alternating ``user``/``assistant``, non-empty strings, and the last turn's
+    role (``assistant`` for training dialogues, ``user`` for prompts awaiting an answer)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RowProblem(field, f"expected a non-empty list of {{role, content}}, got {type(messages).__name__}")
     out = []
@@ -61,6 +62,6 @@ def validate_messages(messages: Any, field: str = "messages") -> list[dict[str, 
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if msg["role"] != expected:
             raise RowProblem(f"{field}[{i}].role", f"expected {expected!r} (system? then alternating user/assistant), got {msg['role']!r}")
-    if out[-1]["role"] != "assistant":
-        raise RowProblem(f"{field}[{len(out) - 1}].role", "the last turn must be the assistant's")
+    if out[-1]["role"] != last_role:
+        raise RowProblem(f"{field}[{len(out) - 1}].role", f"the last turn must be the {last_role}'s")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.config import DataConfig
@@ -44,6 +45,10 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) ->
         seqs.append({**tok, "sample_id": f"{ref.source}#{ref.row}"})
     if cfg.packing:
         out = pack_sequences(seqs, cfg.max_length)
+        if cfg.shuffle and seqs:
+            # Best-fit decreasing emits the fullest rows first (long dialogues, then packed short ones);
+            # mix them so a window's steps are alike. Seeded by the window's content: reruns match.
+            random.Random(f"{cfg.seed}:{seqs[0]['sample_id']}").shuffle(out)
     else:
         out = [{"input_ids": s["input_ids"], "labels": s["labels"], "position_ids": list(range(len(s["input_ids"]))),
                 "sample_ids": [s["sample_id"]]} for s in seqs]

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray() -> None:
-    """Join the cluster at ``RAY_ADDRESS`` (or the job's), else start a local one."""
+    """Join the cluster at ``RAY_ADDRESS`` (or the job's), else start a local one. (It keeps the dashboard:
+    Train V2's placement-group cleaner asks the state API whether the controller lives.)"""
     import ray
 
     if not ray.is_initialized():

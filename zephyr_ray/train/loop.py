@@ -175,6 +175,8 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any],
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
+    if cfg.scaling.threads_per_worker:
+        torch.set_num_threads(cfg.scaling.threads_per_worker)
     out = Path(cfg.run.output_dir)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
     engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model.attn_implementation)

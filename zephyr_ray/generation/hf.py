@@ -1,0 +1,303 @@
+"""The embedded backend: transformers' static batched ``generate`` (left padding, KV cache), bucketed by length.
+
+How a call runs:
+
+* every conversation is rendered with the chat template and its generation prompt, and cut from the left
+  to ``max_prompt_length`` tokens (the latest turns are kept);
+* the rows (one per conversation and sample; greedy decodes each conversation once and copies it ``n``
+  times) are sorted by prompt length, longest first, and cut into batches of ``batch_size``, so rows of a
+  batch have similar lengths and little left padding; each batch is one ``model.generate`` call with the
+  KV cache; results come back in input order;
+* a row stops at its first EOS or stop string; the others go on (finished rows are fed padding until the
+  whole batch is done or ``max_new_tokens`` is reached).
+
+Token accounting: ``prompt_tokens`` is the prompt after truncation (no padding); ``completion_tokens``
+counts the generated tokens up to and including the EOS, or the token that completed a stop string, and
+never the padding behind them. ``finish_reason`` is ``stop`` (EOS or stop string) or ``length``.
+
+Sampling (``temperature > 0``) does not use the global RNG: each row draws from its own
+``torch.Generator``, seeded from (``params.seed``, sample index, prompt token ids), inside a logits
+processor that applies temperature and top-p and leaves only the drawn token for ``generate``'s argmax.
+Guarantee: the same prompt with the same params gives the same completion whatever else is in the call,
+in whatever order or batch (a Ray task retried with other rows reproduces its text), and the ``n`` samples
+of a prompt are different draws. Caveat: a different batch changes the padding, hence the matmul shapes,
+hence the logits in the last bits; a draw that falls within that distance of a boundary of the
+cumulative distribution can then differ. Greedy decoding is token-exact batched vs alone (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from array import array
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from zephyr_ray.generation import check_params
+from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from zephyr_ray.config import EngineConfig
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class GenerationStats:
+    """Running totals of one engine (what padding and early-finished rows cost)."""
+
+    calls: int = 0
+    batches: int = 0
+    rows: int = 0
+    prompt_tokens: int = 0
+    # batch rows x padded prompt length, summed over batches: prefill positions computed.
+    prompt_slots: int = 0
+    completion_tokens: int = 0
+    # batch rows x decode steps, summed over batches: decode positions computed (finished rows included).
+    decode_slots: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["prompt_padding"] = 1 - self.prompt_tokens / self.prompt_slots if self.prompt_slots else 0.0
+        out["decode_padding"] = 1 - self.completion_tokens / self.decode_slots if self.decode_slots else 0.0
+        return out
+
+
+def row_seed(seed: int, sample: int, prompt_ids: list[int]) -> int:
+    """A 63-bit seed from the call's seed, the sample index and the prompt's tokens."""
+    h = hashlib.blake2b(f"{seed}:{sample}:".encode(), digest_size=8)
+    h.update(array("q", prompt_ids).tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+@functools.cache
+def _processors():
+    """Logits processor and stopping criterion classes (transformers imported on first use only)."""
+    import torch
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    class SeededSampler(LogitsProcessor):
+        """Temperature + top-p sampling with one generator per row (inverse-CDF draw of one uniform per row
+        per step). Returns scores where only the drawn token is finite, so greedy ``generate`` picks it."""
+
+        def __init__(self, seeds: list[int], temperature: float, top_p: float):
+            self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+            self.temperature = temperature
+            self.top_p = top_p
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+            if self.top_p < 1.0:
+                probs, order = probs.sort(dim=-1, descending=True)
+                cdf = probs.cumsum(dim=-1)
+                # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
+                kept = ((cdf - probs) < self.top_p).sum(dim=-1)
+            else:
+                order, cdf = None, probs.cumsum(dim=-1)
+                kept = torch.full((probs.shape[0],), probs.shape[-1], device=probs.device)
+            mass = cdf.gather(-1, (kept - 1)[:, None])
+            u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+            target = u.to(device=cdf.device, dtype=cdf.dtype)[:, None] * mass
+            pick = torch.minimum(torch.searchsorted(cdf, target, right=True), (kept - 1)[:, None])
+            token = order.gather(-1, pick) if order is not None else pick
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(-1, token, 0.0)
+
+    class StopStrings(StoppingCriteria):
+        """Stops a row when the text of its latest tokens contains a stop string; records how many tokens
+        it had generated then (the one that completed the string included)."""
+
+        def __init__(self, tokenizer: Any, stops: list[str], prompt_len: int, eos_ids: set[int], rows: int):
+            self.tokenizer, self.stops, self.prompt_len, self.eos_ids = tokenizer, stops, prompt_len, eos_ids
+            # A new match ends in the newest token and every token is >= 1 byte: this many tokens cover it.
+            self.window = max(len(s.encode("utf-8")) for s in stops) + 8
+            self.done = [False] * rows
+            self.stopped_at: list[int | None] = [None] * rows
+
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            generated = input_ids.shape[1] - self.prompt_len
+            last = input_ids[:, -1].tolist()
+            live = []
+            for r, token in enumerate(last):
+                if self.done[r]:
+                    continue
+                if token in self.eos_ids:
+                    self.done[r] = True
+                else:
+                    live.append(r)
+            hit = [False] * len(last)
+            if live:
+                start = max(self.prompt_len, input_ids.shape[1] - self.window)
+                tails = self.tokenizer.batch_decode(input_ids[live, start:].tolist(), skip_special_tokens=True)
+                for r, text in zip(live, tails):
+                    if any(s in text for s in self.stops):
+                        self.done[r], self.stopped_at[r], hit[r] = True, generated, True
+            return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+    return SeededSampler, StopStrings
+
+
+class HFEngine:
+    """``Engine`` and ``ScoringEngine`` on a transformers causal LM (CPU or one GPU)."""
+
+    def __init__(self, cfg: EngineConfig, path: str, model: Any = None, tokenizer: Any = None):
+        import torch
+
+        from zephyr_ray.models import load_model, load_tokenizer
+
+        self.cfg = cfg
+        self.path = path
+        self.tokenizer = tokenizer or load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        if model is None:
+            model = load_model(path, dtype=getattr(torch, DTYPES[cfg.precision]), attn_implementation=cfg.attn_implementation,
+                               revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+        self.model = model.eval().requires_grad_(False)
+        self.device = self.model.device
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id})
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.stats = GenerationStats()
+
+    # ---------------------------------------------------------------- prompts
+
+    def prompt_ids(self, conversations: list[Conversation], suffix: list[int] | None = None) -> list[list[int]]:
+        """Chat template + generation prompt (+ ``suffix``), cut from the left to ``max_prompt_length``."""
+        if not conversations:
+            return []
+        rendered = self.tokenizer.apply_chat_template(
+            [list(c) for c in conversations], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        limit = self.cfg.max_prompt_length
+        return [(list(ids) + (suffix or []))[-limit:] for ids in rendered]
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices sorted by length (longest first, ties in input order) in batches of ``batch_size``."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        size = max(1, self.cfg.batch_size)
+        return [order[s:s + size] for s in range(0, len(order), size)]
+
+    # ---------------------------------------------------------------- generate
+
+    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[list[Completion]]:
+        check_params(params)
+        started = time.perf_counter()
+        prompts = self.prompt_ids(conversations)
+        samples = params.n if params.temperature > 0 else 1  # greedy: n identical completions, decoded once
+        rows = [(i, j) for i in range(len(prompts)) for j in range(samples)]
+        done: dict[tuple[int, int], Completion] = {}
+        for batch in self._buckets([len(prompts[i]) for i, _ in rows]):
+            picked = [rows[b] for b in batch]
+            outs = self._generate_batch([prompts[i] for i, _ in picked],
+                                        [row_seed(params.seed, j, prompts[i]) for i, j in picked], params)
+            done.update(zip(picked, outs))
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - started
+        return [[replace(done[(i, j if samples > 1 else 0)]) for j in range(params.n)] for i in range(len(prompts))]
+
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        sampler_cls, stop_cls = _processors()
+        ids, mask = self._left_pad(prompts)
+        width = ids.shape[1]
+        processors = LogitsProcessorList()
+        if params.temperature > 0:
+            processors.append(sampler_cls(seeds, params.temperature, params.top_p))
+        criteria = StoppingCriteriaList()
+        stopper = None
+        if params.stop:
+            stopper = stop_cls(self.tokenizer, list(params.stop), width, set(self.eos_ids), len(prompts))
+            criteria.append(stopper)
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                      logits_processor=processors, stopping_criteria=criteria)
+        generated = out[:, width:].tolist()
+        eos = set(self.eos_ids)
+        completions = []
+        for r, tokens in enumerate(generated):
+            stop_at = stopper.stopped_at[r] if stopper is not None else None
+            eos_at = next((k for k, t in enumerate(tokens) if t in eos), None)
+            if eos_at is not None and (stop_at is None or eos_at < stop_at):
+                count, reason = eos_at + 1, "stop"
+            elif stop_at is not None:
+                count, reason = stop_at, "stop"
+            else:
+                count, reason = len(tokens), "length"
+            # The EOS itself is counted but never part of the text (even when it is not a special token).
+            text = self.tokenizer.decode(tokens[:count - 1 if eos_at == count - 1 else count], skip_special_tokens=True)
+            cuts = [k for k in (text.find(s) for s in params.stop) if k >= 0]
+            if cuts:
+                text, reason = text[:min(cuts)], "stop"
+            completions.append(Completion(text=text, prompt_tokens=len(prompts[r]), completion_tokens=count,
+                                          finish_reason=reason))
+        s = self.stats
+        s.batches += 1
+        s.rows += len(prompts)
+        s.prompt_tokens += sum(len(p) for p in prompts)
+        s.prompt_slots += len(prompts) * width
+        s.completion_tokens += sum(c.completion_tokens for c in completions)
+        s.decode_slots += len(prompts) * len(generated[0])
+        return completions
+
+    # ---------------------------------------------------------------- scoring
+
+    def option_token(self, option: str, prefix: str = "") -> int:
+        """The id of ``option`` as the model would write it right after ``prefix``: the one token that
+        tokenizing ``prefix + option`` adds to ``prefix``'s tokens, else ``option`` tokenized alone
+        (when the two merge at the boundary, e.g. a prefix ending in a space before a digit)."""
+        tok = self.tokenizer
+        base = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        joined = tok(prefix + option, add_special_tokens=False)["input_ids"]
+        if len(joined) == len(base) + 1 and joined[:len(base)] == base:
+            return joined[-1]
+        alone = tok(option, add_special_tokens=False)["input_ids"]
+        if len(alone) == 1:
+            return alone[0]
+        raise ValueError(f"option {option!r} is not a single token: it tokenizes as {tok.convert_ids_to_tokens(alone)} "
+                         f"(after prefix {prefix!r}: {tok.convert_ids_to_tokens(joined[len(base):])})")
+
+    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[list[float]]:
+        """P(option | conversation + generation prompt + ``prefix``), softmax over the options' token
+        logits: one forward per batch, logits at the last position only."""
+        import torch
+
+        if not options:
+            raise ValueError("option_probs needs at least one option")
+        ids = [self.option_token(o, prefix) for o in options]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"options {options!r} map to repeated token ids {ids}")
+        suffix = self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        prompts = self.prompt_ids(conversations, suffix)
+        option_ids = torch.tensor(ids, device=self.device)
+        out: list[list[float]] = [[] for _ in prompts]
+        for batch in self._buckets([len(p) for p in prompts]):
+            input_ids, mask = self._left_pad([prompts[i] for i in batch])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                    use_cache=False, logits_to_keep=1).logits[:, -1, :]
+            probs = torch.softmax(logits.float()[:, option_ids], dim=-1).tolist()
+            for i, p in zip(batch, probs):
+                out[i] = p
+        return out

@@ -1,0 +1,49 @@
+"""The one interface every generation backend implements (transformers, vLLM, OpenAI-compatible HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+@dataclass
+class SamplingParams:
+    # 0 = greedy decoding.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    # Generation ends at the first of these strings; the returned text excludes it.
+    stop: list[str] = field(default_factory=list)
+    # Seeds sampling so a rerun of the same prompt with the same params gives the same text.
+    seed: int = 0
+    # Completions per conversation.
+    n: int = 1
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    # "stop" (EOS or a stop string) or "length" (hit max_new_tokens).
+    finish_reason: str
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Chat generation: one list of ``params.n`` completions per input conversation, in input order."""
+
+    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[list[Completion]]: ...
+
+
+@runtime_checkable
+class ScoringEngine(Engine, Protocol):
+    """A local engine that also exposes next-token probabilities (judges score without parsing text)."""
+
+    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[list[float]]:
+        """P(option | conversation + generation prompt + ``prefix``) for each single-token option,
+        renormalised over ``options``; one list per conversation."""
+        ...
