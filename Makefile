@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/dpo_throughput.py
 	$(PY) bench/generation_throughput.py
+	$(PY) bench/aif_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check zephyr_ray jobs bench tests

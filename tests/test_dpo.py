@@ -78,6 +78,31 @@ def test_precomputed_reference_equals_online_logps(ray_cluster, tiny_model, toke
         assert got[r["sample_ids"][0]] == pytest.approx((online[i], online[n + i]), abs=1e-5)
 
 
+@pytest.mark.ray
+def test_reference_pass_clears_half_written_output_and_reuses_only_matching_results(ray_cluster, tiny_model,
+                                                                                    tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from zephyr_ray.data.preference import preference_schema
+    from zephyr_ray.train.dpo import precompute_reference
+
+    rows = _pairs(tokenizer, 12)
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=preference_schema()))
+    target = tmp_path / "ref_logps"
+    target.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:5], schema=preference_schema()), target / "stale.parquet")  # killed run
+    cfg = _cfg(tmp_path, tiny_model, "dpo.ref.num_cpus_per_actor=0.5")
+    assert precompute_reference(ds, tiny_model, tmp_path, cfg).count() == 12  # no leftover rows
+    first = (target / "_SUCCESS").read_text()
+    precompute_reference(ds, tiny_model, tmp_path, cfg)
+    assert (target / "_SUCCESS").read_text() == first  # same settings: reused, not recomputed
+    other = _cfg(tmp_path, tiny_model, "dpo.ref.num_cpus_per_actor=0.5", "dpo.max_prompt_length=32")
+    assert precompute_reference(ds, tiny_model, tmp_path, other).count() == 12
+    assert json.loads((target / "_SUCCESS").read_text())["fingerprint"]["max_prompt_length"] == 32
+
+
 def _cfg(tmp: Path, model: str, *overrides: str) -> DPORecipe:
     return load_config(ROOT / "configs/tiny/dpo.yaml",
                        [f"model.path={model}", f"run.output_dir={tmp}", "wandb.enabled=false", *overrides], DPORecipe)

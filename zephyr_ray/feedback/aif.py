@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -100,7 +101,7 @@ def _judge(completions: ray.data.Dataset, judge: JudgeConfig, out: Path) -> pa.T
     return table
 
 
-def _candidates(cfg: AIFRecipe, out: Path) -> ray.data.Dataset:
+def _candidates(cfg: AIFRecipe, out: Path, seconds: dict[str, float]) -> ray.data.Dataset:
     import pyarrow as pa
     import ray.data
 
@@ -110,7 +111,11 @@ def _candidates(cfg: AIFRecipe, out: Path) -> ray.data.Dataset:
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be distinct (they label completions): {names}")
     prompts = load_prompts(cfg.prompts)
-    tables = [generate(prompts, c, cfg.sampling, out) for c in cfg.candidates]
+    tables = []
+    for c in cfg.candidates:
+        start = time.perf_counter()
+        tables.append(generate(prompts, c, cfg.sampling, out))
+        seconds[f"generate/{c.name}"] = time.perf_counter() - start
     return ray.data.from_arrow(pa.concat_tables(tables, promote_options="default")).map_batches(
         _keyed_completions, batch_format="pyarrow")
 
@@ -128,15 +133,18 @@ def run_aif(cfg: AIFRecipe) -> AIFResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ensure_ray()
-    scored = _candidates(cfg, out)
+    seconds: dict[str, float] = {}  # wall time per model step (a resumed step only counts what it redid)
+    scored = _candidates(cfg, out, seconds)
     for judge in cfg.judges:
+        start = time.perf_counter()
         table = _judge(scored, judge, out)
+        seconds[f"judge/{judge.engine.name}"] = time.perf_counter() - start
         scored = ray.data.from_arrow(table)
     rows = table.sort_by([(KEY, "ascending")]).to_pylist()
     pairs, binarized = binarize(group_by_prompt(rows), seed=cfg.seed)
     pairs.sort(key=lambda p: p["prompt_id"])
     report = {"judging": summarize_judging(rows), "binarize": binarized.to_dict(),
-              "completions_per_model": _per_model(rows)}
+              "completions_per_model": _per_model(rows), "seconds": seconds}
     (out / "aif_report.json").write_text(json.dumps(report, indent=2))
     path = out / "pairs.jsonl"
     write_jsonl(pairs, path)

@@ -8,6 +8,7 @@ Ray actors (default: workers never hold the reference) or from a frozen copy in 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,19 @@ class ReferenceLogps:
         return batch.append_column(REF_COLUMNS[0], pa.array(logps[:n])).append_column(REF_COLUMNS[1], pa.array(logps[n:]))
 
 
+def _reference_fingerprint(model_path: str, cfg: DPORecipe) -> dict[str, Any]:
+    """Everything the stored log-probs depend on: a mismatch means they must be recomputed."""
+    from zephyr_ray.config import to_dict
+
+    return {"reference": cfg.dpo.ref.path or model_path, "data": to_dict(cfg.data), "precision": cfg.train.precision,
+            "max_prompt_length": cfg.dpo.max_prompt_length, "attn": cfg.model.attn_implementation}
+
+
 def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecipe) -> Any:
     """Stream the pairs once through an actor pool hosting the reference; results go to Parquet under
-    ``out/ref_logps`` (reused by a resumed run) and training streams from there."""
+    ``out/ref_logps`` and training streams from there. ``_SUCCESS`` records what they were computed
+    from: a rerun reuses them only if that still holds, and a half-written folder is cleared first."""
+    import shutil
     import time
 
     import ray.data
@@ -160,7 +171,13 @@ def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecip
 
     target = out / "ref_logps"
     done = target / "_SUCCESS"
-    if not done.exists():
+    fingerprint = _reference_fingerprint(model_path, cfg)
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        log.info("reusing the reference log-probs in %s", target)
+    else:
+        if target.exists():
+            log.info("clearing %s (%s)", target, "other settings" if done.exists() else "an unfinished pass")
+            shutil.rmtree(target)
         t0 = time.perf_counter()
         ref = cfg.dpo.ref
         dataset.map_batches(
@@ -171,8 +188,9 @@ def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecip
                                    "packing": cfg.data.packing, "attn": cfg.model.attn_implementation,
                                    "dtype": "bfloat16" if cfg.train.precision == "bf16" else "float32"},
         ).write_parquet(str(target))
-        done.write_text(f"{time.perf_counter() - t0:.3f}\n")
-        log.info("reference log-probs precomputed in %.1f s", time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        done.write_text(json.dumps({"seconds": round(seconds, 3), "fingerprint": fingerprint}))
+        log.info("reference log-probs precomputed in %.1f s", seconds)
     return ray.data.read_parquet(str(target))
 
 

@@ -1,0 +1,602 @@
+"""dDPO training throughput and memory: zephyr_ray (reference precomputed by Ray actors, then Ray Train + DeepSpeed)
+vs TRL's ``DPOTrainer``, same machine, same run.
+
+Both sides train the SAME tiny random Mistral (one ``build_tiny`` directory; it is both the policy's start and the
+frozen reference) on the SAME preference pairs with the SAME token ids: the first ``--limit`` (512) pairs of
+../shared/data/alpaca_eval/gpt4_preferences.jsonl (``chosen``/``rejected`` message lists sharing the prompt turn;
+else the shipped data/sample/prefs.jsonl), tokenized by ``zephyr_ray.data.preference.preference_examples`` with
+max_length 1024 / max_prompt_length 512 (the Zephyr dDPO recipe's lengths: with the tiny byte-level tokenizer the
+median prompt is ~70 tokens, the median chosen answer ~830, rejected ~280; 244 of the first 512 pairs are cut,
+leaving 1214 tokens per pair, prompt counted twice). Ours tokenizes the pairs itself inside its Ray Data pipeline;
+TRL is handed the resulting ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (its ``_prepare_dataset`` is
+overridden to pass them through), so both train on identical tokens and TRL's own tokenization (one extra "\\n"
+token per answer, no prompt-length limit) is left out of its timings. Same global batch (``--global-batch`` pairs
+per optimizer step), fp32 on CPU, sigmoid DPO loss with beta 0.1, AdamW lr 5e-4 cosine with 10% warmup, grad
+clipping 1.0, no gradient checkpointing, no eval, no W&B / report_to, no intermediate checkpoints.
+
+Configurations, each in a fresh subprocess (``--ours``, ``--trl``):
+
+* ours-2w: configs/tiny/dpo.yaml as shipped through the real entry point ``run_dpo`` with overrides: ``dpo.ref.mode
+  precompute`` (one ``ReferenceLogps`` Ray actor x 0.5 CPU streams the pairs once and writes ``ref_logps`` Parquet;
+  the training workers never hold the reference), 2 Ray Train workers x 0.5 CPU (Ray exports OMP_NUM_THREADS=1 to
+  each), ZeRO-2, micro-batch = batch / 2, ``data.packing`` true (chosen and rejected of a pair packed in one row);
+* ours-1w: 1 worker x 0.5 CPU (one torch thread), micro-batch = batch;
+* ours-1w-omp2: 1 worker, OMP_NUM_THREADS=2 exported before ``ray.init`` (Ray keeps it; the reference actor gets
+  it too), so torch uses both cores;
+* trl-ref: ``precompute_ref_log_probs=False``: TRL holds a second (reference) model and runs it every step;
+* trl-precompute: ``precompute_ref_log_probs=True``: one reference pass over the data in ``DPOTrainer.__init__``
+  (``precompute_ref_batch_size`` = ours' ``dpo.ref.batch_size``, ``--ref-batch``), then no reference model.
+  TRL 1.16's DPO has no padding-free / packing mode (``padding_free=True`` warns and falls back to padding), so TRL
+  pads each batch's 2 x batch sequences to the longest one; it does compute log-probs with a chunked (fused) LM head.
+
+Measured per configuration:
+
+* steady-state pairs/s (and non-padding tokens/s) = pairs of steps (warmup, last] / wall time between the end of step
+  ``--warmup`` and the end of the last step. Step ends are wall-clock: for ours the arrival of each line of
+  ``metrics.jsonl`` (tailed every 20 ms), for TRL ``TrainerCallback.on_step_end``. By default the run is exactly one
+  epoch, so the window is the rest of the epoch after the warmup steps.
+* precompute time: ours = the reference pass of ``precompute_reference`` (zephyr_ray/train/dpo.py), as its own timer
+  writes it into ``ref_logps/_SUCCESS``: actor start and model load, the Ray Data read + shuffle + tokenization of
+  every pair, the reference forward, the Parquet write (the same span seen from outside, ``data_report.json`` mtime ->
+  ``_SUCCESS`` mtime, is reported as a cross-check). TRL-precompute = the wall time of
+  ``DPOTrainer._precompute_ref_logps`` (forward + caching to an Arrow file). trl-ref has none (0).
+* total pairs/s over an epoch-equivalent = pairs / (precompute time + pairs / steady pairs/s): one epoch over the
+  data including the reference pass, excluding each side's fixed startup (Ray start, ours' planning pass,
+  DeepSpeed/Trainer setup, model loading; see ``wall`` and the JSON for those).
+* peak RSS of the whole process tree: the side's process and all its descendants (Ray's GCS, raylet, dashboard,
+  train workers, Ray Data workers and the reference actor are descendants of the process that calls ``ray.init``),
+  summed, sampled every 1 s; PSS (shared pages split between processes) every 5 s as a cross-check, since summed
+  RSS counts shared libraries once per process. Also the tree's peak within each phase (ours: precompute / train).
+* peak RSS of the single training process, the figure comparable to TRL's one process: for ours the largest own
+  peak RSS of any ``RayTrainWorker`` process (each holds the whole model and its share of the optimizer state); for
+  TRL its only process. The reference actor's own peak is reported too.
+* foreign CPU load and host matmul speed before each run, as in ``sft_throughput.py`` (a shared 2-core machine is
+  noisy; ``--repeats N`` interleaves N rounds and keeps each configuration's best steady-state run).
+
+Ratios ours/TRL are given for every (ours, TRL) pair: steady and total throughput, tree and per-process peak RSS.
+The goals (>= 1.5x throughput, <= 0.7x peak memory) are checked per ours configuration against TRL's fastest
+configuration (throughput) and TRL's leanest (memory).
+
+    .venv/bin/python bench/dpo_throughput.py [--limit 512] [--global-batch 16] [--warmup 3] [--steps N]
+        [--max-length 1024] [--max-prompt-length 512] [--repeats 1] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from common import (
+    ROOT,
+    SHARED_DATA_DIR,
+    TRL_COMMON_ARGS,
+    MetricsTail,
+    add_common_args,
+    best_per_config,
+    check_snapshot,
+    deltas,
+    finish_session,
+    fmt,
+    machine_info,
+    matmul_flops,
+    names_in,
+    print_failures,
+    print_noise_notes,
+    read_jsonl,
+    run_rounds,
+    side_main,
+    start_local_ray,
+    start_session,
+    steady_state,
+    step_clock,
+)
+
+SHARED_DATA = SHARED_DATA_DIR / "gpt4_preferences.jsonl"
+SAMPLE_DATA = ROOT / "data" / "sample" / "prefs.jsonl"
+DEFAULT_OUT = ROOT / "bench" / "results" / "dpo_throughput.json"
+BETA, LR, WARMUP_RATIO = 0.1, 5e-4, 0.1  # configs/tiny/dpo.yaml's, given to both sides explicitly
+
+OURS_CONFIGS = {
+    # configs/tiny/dpo.yaml as shipped: 2 workers x 0.5 CPU (Ray gives each OMP_NUM_THREADS=1), ZeRO-2.
+    "ours-2w": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}},
+    # 1 worker x 0.5 CPU: Ray sets OMP_NUM_THREADS=1, so torch uses 1 of the 2 cores.
+    "ours-1w": {"num_workers": 1, "cpus_per_worker": 0.5, "env": {}},
+    # 1 worker, OMP_NUM_THREADS=2 exported before ray.init (Ray keeps a value it finds): torch uses both cores.
+    "ours-1w-omp2": {"num_workers": 1, "cpus_per_worker": 0.5, "env": {"OMP_NUM_THREADS": "2"}},
+}
+TRL_CONFIGS = {
+    "trl-ref": {"precompute_ref_log_probs": False},  # a frozen reference model next to the policy, run every step
+    "trl-precompute": {"precompute_ref_log_probs": True},  # one reference pass in __init__, no reference model after
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# side: ours (run_dpo on a local Ray cluster)
+
+
+def ours_overrides(spec: dict) -> list[str]:
+    src = Path(spec["src"])
+    return [
+        f"model.path={spec['model_path']}",
+        f"data.path={spec['data_path']}",
+        f"data.max_length={spec['max_length']}",
+        f"dpo.max_prompt_length={spec['max_prompt_length']}",
+        f"dpo.beta={BETA}",
+        "dpo.loss_type=sigmoid",
+        "dpo.ref.mode=precompute",
+        f"dpo.ref.batch_size={spec['ref_batch']}",
+        f"train.lr={LR}",
+        f"train.warmup_ratio={WARMUP_RATIO}",
+        f"train.micro_batch_size={spec['micro_batch_size']}",
+        "train.gradient_accumulation_steps=1",
+        f"train.max_steps={spec['total_steps']}",
+        f"train.epochs={spec['epochs']}",
+        "train.precision=fp32",
+        f"train.checkpoint_every={10**9}",  # only the final (forced) checkpoint, after the measured window
+        f"scaling.num_workers={spec['num_workers']}",
+        f"scaling.cpus_per_worker={spec['cpus_per_worker']}",
+        f"deepspeed.config={src / 'configs' / 'deepspeed' / 'zero2.json'}",
+        "wandb.enabled=false",
+        f"run.output_dir={spec['output_dir']}",
+        f"run.name={spec['name']}",
+    ]
+
+
+def side_ours(spec: dict) -> dict:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import ray
+
+    from zephyr_ray.config import DPORecipe, load_config
+    from zephyr_ray.train.dpo import run_dpo
+
+    src, out = Path(spec["src"]), Path(spec["output_dir"])
+    cfg = load_config(src / "configs" / "tiny" / "dpo.yaml", ours_overrides(spec), DPORecipe)
+    t_ray, worker_pkg = start_local_ray(src)
+    tail = MetricsTail(out / "metrics.jsonl")
+    tail.start()
+    t1 = time.time()
+    run_dpo(cfg)
+    t_fit = time.time() - t1
+    arrivals = tail.finish()
+    ray.shutdown()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    ends = [arrivals[m["step"]] for m in metrics]
+    pairs = deltas([m["samples"] for m in metrics])  # cumulative, global: one sample id per pair
+    tokens = deltas([m["tokens"] for m in metrics])  # non-padding tokens of both sequences of every pair
+    w = spec["warmup"]
+    steady = steady_state(ends, {"pairs": pairs, "tokens": tokens}, w)
+    # run_stage writes data_report.json after its planning pass, right before the reference pass starts;
+    # precompute_reference writes ref_logps/_SUCCESS (holding its own timer) right after it ends.
+    plan_end = (out / "data_report.json").stat().st_mtime
+    success = out / "ref_logps" / "_SUCCESS"
+    precompute_s, ref_end = json.loads(success.read_text())["seconds"], success.stat().st_mtime
+    return {
+        "side": "ours",
+        "steps": len(metrics),
+        "pairs_per_step_list": pairs,
+        "tokens_per_step_list": tokens,
+        "step_end_unix_list": ends,
+        "step_time_s_list": [m["step_time_s"] for m in metrics],
+        "steady": steady,
+        "loop_timer_pairs_per_s": sum(pairs[w:]) / sum(m["step_time_s"] for m in metrics[w:]),
+        "precompute_s": precompute_s,
+        "precompute_outside_s": ref_end - plan_end,
+        "phases": {"plan": [t1, plan_end], "precompute": [plan_end, ref_end], "train": [ref_end, ends[-1]]},
+        "plan_s": plan_end - t1,
+        "precompute_end_to_first_step_s": ends[0] - ref_end,
+        "after_last_step_s": t1 + t_fit - ends[-1],
+        "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
+        "ray_init_s": t_ray,
+        "run_dpo_s": t_fit,
+        "data_report": json.loads((out / "data_report.json").read_text()),
+        "package_in_workers": worker_pkg,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# side: TRL DPOTrainer
+
+
+def trl_trainer_class():
+    """``DPOTrainer`` taking already tokenized pairs (ours) and timing its reference precompute."""
+    from trl import DPOTrainer
+
+    class BenchDPOTrainer(DPOTrainer):
+        precompute_window: list[float] | None = None
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # prompt_ids / chosen_ids / rejected_ids from preference_examples, already cut to length
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            t0 = time.time()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            self.precompute_window = [t0, time.time()]
+            return out
+
+    return BenchDPOTrainer
+
+
+def side_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from zephyr_ray.models import load_tokenizer
+
+    check_snapshot(spec["src"])
+    dataset = Dataset.from_list(read_jsonl(Path(spec["ids_path"])))
+    tok = load_tokenizer(spec["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
+    args = DPOConfig(
+        output_dir=spec["output_dir"],
+        max_length=spec["max_length"],  # a no-op: the pairs already fit
+        padding_free=False,  # TRL 1.16: unavailable for DPO (True warns and falls back to padding)
+        precompute_ref_log_probs=spec["precompute_ref_log_probs"],
+        precompute_ref_batch_size=spec["ref_batch"],
+        beta=BETA,
+        loss_type=["sigmoid"],
+        per_device_train_batch_size=spec["global_batch"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["total_steps"],
+        learning_rate=LR,
+        warmup_steps=WARMUP_RATIO,  # < 1: a ratio of max_steps
+        **TRL_COMMON_ARGS,  # DPOConfig defaults to bf16 and gradient checkpointing: both turned off there
+    )
+    t0 = time.time()
+    trainer = trl_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    t_init = time.time() - t0
+    clock = step_clock(trainer)  # DPOTrainer counts attention_mask.sum(): non-padding tokens of both sequences
+    t1 = time.time()
+    out = trainer.train()
+    t_train = time.time() - t1
+    pairs = [spec["global_batch"]] * len(clock.ends)  # the pair count divides into full batches (checked in main)
+    tokens = deltas(clock.cum_tokens)
+    window = trainer.precompute_window
+    return {
+        "side": "trl",
+        "steps": len(clock.ends),
+        "pairs_per_step_list": pairs,
+        "tokens_per_step_list": tokens,
+        "step_end_unix_list": clock.ends,
+        "steady": steady_state(clock.ends, {"pairs": pairs, "tokens": tokens}, spec["warmup"]),
+        "precompute_s": window[1] - window[0] if window else 0.0,
+        "phases": {**({"precompute": window} if window else {}), "train": [t1, clock.ends[-1]]},
+        "init_s": t_init,
+        "train_s": t_train,
+        "train_loss": out.training_loss,
+        "threads": torch.get_num_threads(),
+        "holds_ref_model": trainer.ref_model is not None,
+        "padding_free": trainer.padding_free,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_length: int) -> dict:
+    """The shared model directory, the shared pairs (JSONL for ours) and their token ids (for TRL)."""
+    from zephyr_ray.config import DataConfig
+    from zephyr_ray.data.preference import preference_examples
+    from zephyr_ray.models import build_tiny, load_tokenizer
+
+    model_path = build_tiny(work / "tiny-base", seed=0)
+    rows = read_jsonl(data_src)
+    rows = rows[:limit] if limit else rows
+    keep = ("prompt", "chosen", "rejected")
+    data_path = work / "pairs.jsonl"
+    data_path.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows))
+    examples, report = preference_examples(rows, load_tokenizer(model_path), DataConfig(max_length=max_length),
+                                           max_prompt_length)
+    ids_path = work / "pair_ids.jsonl"
+    fields = ("prompt_ids", "chosen_ids", "rejected_ids")
+    ids_path.write_text("".join(json.dumps({k: e[k] for k in fields}) + "\n" for e in examples))
+    longest = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    return {
+        "model_path": model_path,
+        "data_source": str(data_src),
+        "data_path": str(data_path),
+        "ids_path": str(ids_path),
+        "rows": len(rows),
+        "pairs": report.used,
+        "truncated_pairs": report.truncated,
+        "skipped": dict(report.skipped),
+        "tokens": report.tokens,  # non-padding, both sequences of every pair (the prompt counted twice)
+        "label_tokens": report.label_tokens,
+        "tokens_per_pair": report.tokens / max(report.used, 1),
+        "longest_sequence_median": statistics.median(longest) if longest else 0,
+    }
+
+
+def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_steps: int, epochs: int
+                ) -> list[tuple[dict, dict]]:
+    """(spec, extra env) of every configuration asked for, ours first."""
+    shared = {"src": str(src), "model_path": prep["model_path"], "max_length": a.max_length,
+              "max_prompt_length": a.max_prompt_length, "ref_batch": a.ref_batch, "global_batch": a.global_batch,
+              "total_steps": total_steps, "warmup": a.warmup}
+    specs = []
+    for name in names_in(a.ours, OURS_CONFIGS):
+        oc = OURS_CONFIGS[name]
+        if a.global_batch % oc["num_workers"]:
+            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
+        spec = {"side": "ours", "name": name, **shared, "data_path": prep["data_path"],
+                "micro_batch_size": a.global_batch // oc["num_workers"], "num_workers": oc["num_workers"],
+                "cpus_per_worker": oc["cpus_per_worker"], "epochs": epochs, "output_dir": str(work / name)}
+        specs.append((spec, oc["env"]))
+    for name in names_in(a.trl, TRL_CONFIGS):
+        spec = {"side": "trl", "name": name, **shared, **TRL_CONFIGS[name], "ids_path": prep["ids_path"],
+                "output_dir": str(work / name)}
+        specs.append((spec, {}))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# figures derived from a finished run
+
+
+def steady_pairs_per_s(r: dict) -> float:
+    return r["steady"]["pairs_per_s"]
+
+
+def epoch_figures(r: dict, pairs: int) -> dict:
+    """One epoch over ``pairs`` at the steady rate, with and without the reference pass before it."""
+    train_s = pairs / steady_pairs_per_s(r)
+    return {"epoch_train_s": train_s, "epoch_total_s": r["precompute_s"] + train_s,
+            "total_pairs_per_s": pairs / (r["precompute_s"] + train_s),
+            "precompute_share_of_total": r["precompute_s"] / (r["precompute_s"] + train_s)}
+
+
+def process_figures(r: dict) -> dict:
+    """Peak RSS of the training process (ours: the largest Ray Train worker; TRL: its one process) and of our
+    reference actor."""
+    procs = r["peak_rss_by_process"]
+    if r["side"] == "ours":
+        workers = [p["peak_rss_mb"] for p in procs if p["process"].startswith("ray::RayTrainWorker")]
+        ref = [p["peak_rss_mb"] for p in procs if "ReferenceLogps" in p["process"]]
+        return {"train_process_peak_rss_mb": max(workers, default=None), "train_processes": len(workers),
+                "train_processes_peak_rss_sum_mb": sum(workers), "ref_actor_peak_rss_mb": max(ref, default=None)}
+    root = [p["peak_rss_mb"] for p in procs if p["root"]]
+    return {"train_process_peak_rss_mb": max(root, default=None), "train_processes": 1,
+            "train_processes_peak_rss_sum_mb": sum(root), "ref_actor_peak_rss_mb": None}
+
+
+def describe(r: dict, pairs: int) -> str:
+    e, p = epoch_figures(r, pairs), process_figures(r)
+    return (f"{steady_pairs_per_s(r):.2f} pairs/s steady, precompute {r['precompute_s']:.1f} s, "
+            f"{e['total_pairs_per_s']:.2f} pairs/s with it; peak RSS {r['peak_rss_mb']:.0f} MB tree, "
+            f"{fmt(p['train_process_peak_rss_mb'])} MB training process")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratios(ours: dict, trl: dict) -> dict:
+    return {
+        "steady_pairs_per_s": ratio(ours["steady_pairs_per_s"], trl["steady_pairs_per_s"]),
+        "total_pairs_per_s": ratio(ours["total_pairs_per_s"], trl["total_pairs_per_s"]),
+        "peak_rss_tree": ratio(ours["peak_rss_mb"], trl["peak_rss_mb"]),
+        "peak_rss_train_process": ratio(ours["train_process_peak_rss_mb"], trl["train_process_peak_rss_mb"]),
+    }
+
+
+def goals(summary: dict[str, dict]) -> dict[str, dict]:
+    """Per ours configuration: throughput against TRL's fastest configuration, memory against TRL's leanest."""
+    trl = [v for v in summary.values() if v["side"] == "trl"]
+    if not trl:
+        return {}
+    fastest_steady = max(trl, key=lambda v: v["steady_pairs_per_s"])
+    fastest_total = max(trl, key=lambda v: v["total_pairs_per_s"])
+    leanest_tree = min(trl, key=lambda v: v["peak_rss_mb"])
+    leanest_proc = min(trl, key=lambda v: v["train_process_peak_rss_mb"])
+    out = {}
+    for name, v in summary.items():
+        if v["side"] != "ours":
+            continue
+        g = {
+            "steady_ratio": ratio(v["steady_pairs_per_s"], fastest_steady["steady_pairs_per_s"]),
+            "steady_vs": fastest_steady["name"],
+            "total_ratio": ratio(v["total_pairs_per_s"], fastest_total["total_pairs_per_s"]),
+            "total_vs": fastest_total["name"],
+            "tree_rss_ratio": ratio(v["peak_rss_mb"], leanest_tree["peak_rss_mb"]),
+            "tree_rss_vs": leanest_tree["name"],
+            "process_rss_ratio": ratio(v["train_process_peak_rss_mb"], leanest_proc["train_process_peak_rss_mb"]),
+            "process_rss_vs": leanest_proc["name"],
+        }
+        g.update({
+            "meets_throughput_steady": (g["steady_ratio"] or 0) >= 1.5,
+            "meets_throughput_total": (g["total_ratio"] or 0) >= 1.5,
+            "meets_memory_tree": g["tree_rss_ratio"] is not None and g["tree_rss_ratio"] <= 0.7,
+            "meets_memory_process": g["process_rss_ratio"] is not None and g["process_rss_ratio"] <= 0.7,
+        })
+        out[name] = g
+    return out
+
+
+def summarize(best: dict[str, dict], runs: list[dict], pairs: int) -> dict[str, dict]:
+    """The figures of each configuration's best run (by steady pairs/s), for the table and the JSON."""
+    out = {}
+    for name, r in best.items():
+        out[name] = {
+            "name": name,
+            "side": r["side"],
+            "steady_pairs_per_s": steady_pairs_per_s(r),
+            "steady_tokens_per_s": r["steady"]["tokens_per_s"],
+            "step_time_s": r["steady"]["step_time_s"],
+            "precompute_s": r["precompute_s"],
+            **epoch_figures(r, pairs),
+            "peak_rss_mb": r["peak_rss_mb"],
+            "peak_pss_mb": r["peak_pss_mb"],
+            "peak_rss_mb_by_phase": r["peak_rss_mb_by_phase"],
+            **process_figures(r),
+            "process_wall_s": r["process_wall_s"],
+            "foreign_cpu_cores_in_window": r["foreign_cpu_cores_in_window"],
+            "num_workers": r["config"].get("num_workers", 1),
+            "round": r["round"],
+            "all_runs_steady_pairs_per_s": [steady_pairs_per_s(x) for x in runs if x["name"] == name and x["ok"]],
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# report
+
+
+def mb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}MB"
+
+
+def print_table(a: argparse.Namespace, prep: dict, specs: list, summary: dict[str, dict], total_steps: int,
+                work: Path) -> None:
+    print()
+    print(
+        f"dDPO throughput, tiny Mistral, data {Path(prep['data_source']).name} ({prep['pairs']} pairs, "
+        f"{prep['truncated_pairs']} truncated, {prep['tokens_per_pair']:.0f} tokens/pair), max_length {a.max_length}"
+        f" / max_prompt_length {a.max_prompt_length}, {a.global_batch} pairs/step, fp32, sigmoid beta {BETA}; "
+        f"steady state = steps {a.warmup + 1}..{total_steps}"
+        + (f"; best of {a.repeats} runs" if a.repeats > 1 else "")
+    )
+    hdr = (f"{'config':<16}{'pairs/s':>9}{'tok/s':>8}{'s/step':>8}{'precomp':>9}{'epoch':>8}{'total p/s':>10}"
+           f"{'RSS tree':>10}{'in prec.':>10}{'in train':>10}{'PSS tree':>10}{'train proc':>11}{'ref actor':>10}"
+           f"{'wall':>6}{'others':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for spec, _ in specs:
+        v = summary.get(spec["name"])
+        if v is None:
+            print(f"{spec['name']:<16} FAILED (logs in {work})")
+            continue
+        phase = v["peak_rss_mb_by_phase"]
+        runs = v["all_runs_steady_pairs_per_s"]
+        print(
+            f"{v['name']:<16}{v['steady_pairs_per_s']:>9.2f}{v['steady_tokens_per_s']:>8.0f}{v['step_time_s']:>8.2f}"
+            f"{v['precompute_s']:>8.1f}s{v['epoch_total_s']:>7.0f}s{v['total_pairs_per_s']:>10.2f}"
+            f"{mb(v['peak_rss_mb']):>10}{mb(phase.get('precompute')):>10}{mb(phase.get('train')):>10}"
+            f"{mb(v['peak_pss_mb']):>10}{mb(v['train_process_peak_rss_mb']):>11}{mb(v['ref_actor_peak_rss_mb']):>10}"
+            f"{v['process_wall_s']:>5.0f}s"
+            f"{fmt(v['foreign_cpu_cores_in_window'], '.2f'):>7}"
+            + (f"   runs: {', '.join(f'{x:.2f}' for x in runs)}" if len(runs) > 1 else "")
+        )
+    print(
+        "pairs/s, tok/s: steady state (non-padding tokens, both sequences of a pair); precomp: reference log-prob "
+        "pass (ours: Ray actor pass incl. tokenization and Parquet write; TRL: _precompute_ref_logps); epoch: "
+        "precomp + pairs / steady pairs/s; total p/s: pairs / epoch; RSS tree: peak summed over the process tree "
+        "(in prec. / in train: within that phase); train proc: peak RSS of the single training process (ours: "
+        "largest Ray Train worker; TRL: its one process); ref actor: ours' reference actor; wall: whole subprocess "
+        "incl. startup; others: cores used by other processes during the steady window; -: none, or no sample fell "
+        "in a phase shorter than the 1 s sampling period"
+    )
+
+
+def print_ratios(summary: dict[str, dict], goal: dict[str, dict]) -> None:
+    ours = [v for v in summary.values() if v["side"] == "ours"]
+    trl = [v for v in summary.values() if v["side"] == "trl"]
+    if not ours or not trl:
+        return
+    print("\nours / TRL:  steady pairs/s   total pairs/s   peak RSS tree   peak RSS training process")
+    for o in ours:
+        for t in trl:
+            r = ratios(o, t)
+            print(f"  {o['name']:>12} / {t['name']:<15}{fmt(r['steady_pairs_per_s'], '.2f'):>6}x"
+                  f"{fmt(r['total_pairs_per_s'], '.2f'):>15}x{fmt(r['peak_rss_tree'], '.2f'):>15}x"
+                  f"{fmt(r['peak_rss_train_process'], '.2f'):>20}x")
+    print("goals (>= 1.5x throughput vs TRL's fastest, <= 0.7x peak memory vs TRL's leanest):")
+    for name, g in goal.items():
+        print(f"  {name}: throughput steady {verdict(g, 'steady', 'throughput_steady')}; total "
+              f"{verdict(g, 'total', 'throughput_total')}; memory tree {verdict(g, 'tree_rss', 'memory_tree')}; "
+              f"training process {verdict(g, 'process_rss', 'memory_process')}")
+
+
+def verdict(g: dict, figure: str, goal: str) -> str:
+    return f"{fmt(g[figure + '_ratio'], '.2f')}x vs {g[figure + '_vs']} {'MET' if g['meets_' + goal] else 'not met'}"
+
+
+def print_notes(a: argparse.Namespace, summary: dict[str, dict]) -> None:
+    missed = [k for k, v in summary.items() if v["train_processes"] != v["num_workers"]]
+    if missed:
+        print(f"WARNING: {missed}: not every Ray Train worker process was recognised; the training-process figure "
+              "may leave one out (see peak_rss_by_process in the JSON)")
+    print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=None,
+                    help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)")
+    ap.add_argument("--limit", type=int, default=512, help="first N pairs of the data (0 = all)")
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-prompt-length", type=int, default=512)
+    ap.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step (both sides)")
+    ap.add_argument("--ref-batch", type=int, default=32,
+                    help="pairs per reference forward in the precompute pass (ours' dpo.ref.batch_size, TRL's "
+                    "precompute_ref_batch_size; 32 = configs/tiny/dpo.yaml)")
+    ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
+    ap.add_argument("--ours", default="ours-2w,ours-1w,ours-1w-omp2", help=f"of {list(OURS_CONFIGS)}")
+    ap.add_argument("--trl", default="trl-ref,trl-precompute", help=f"of {list(TRL_CONFIGS)}")
+    add_common_args(ap, DEFAULT_OUT)
+    a = ap.parse_args()
+    if a._side:
+        side_main(a, {"ours": side_ours, "trl": side_trl})
+        return
+
+    data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
+    session = start_session(a.work_dir, "dpo_bench_", f"data {data_src}")
+    prep = prepare(session.work, data_src, a.limit, a.max_length, a.max_prompt_length)
+    pairs = prep["pairs"]
+    if pairs % a.global_batch:
+        raise SystemExit(f"{pairs} pairs do not make full batches of {a.global_batch}; change --limit")
+    epoch_steps = pairs // a.global_batch
+    steps = a.steps if a.steps is not None else epoch_steps - a.warmup
+    if steps < 2:
+        raise SystemExit(f"{pairs} pairs make {epoch_steps} steps: too few; raise --limit")
+    total_steps = a.warmup + steps
+    epochs = math.ceil(total_steps / epoch_steps)
+    a.steps = steps
+    mm_before = matmul_flops()
+    print(f"[bench] {pairs} pairs ({prep['truncated_pairs']} truncated), {prep['tokens_per_pair']:.0f} tokens/pair; "
+          f"{a.warmup} warmup + {steps} measured steps per run ({epochs} epoch(s) of {epoch_steps}); fp32 matmul "
+          f"{mm_before['best_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+    specs = build_specs(a, session.src, prep, session.work, total_steps, epochs)
+    runs = run_rounds(Path(__file__).resolve(), specs, session.work, a, lambda r: describe(r, pairs))
+    mm_after = matmul_flops()
+    for r in runs:
+        if r["ok"]:
+            r.update(epoch_figures(r, pairs), **process_figures(r))
+    best = best_per_config(runs, [s["name"] for s, _ in specs], steady_pairs_per_s)
+    summary = summarize(best, runs, pairs)
+    goal = goals(summary)
+    print_table(a, prep, specs, summary, total_steps, session.work)
+    print_ratios(summary, goal)
+    print_notes(a, summary)
+    print_failures(runs)
+    finish_session(session, {
+        "machine": machine_info(mm_before, mm_after),
+        "config": {
+            "steps": steps, "warmup": a.warmup, "epochs": epochs, "max_length": a.max_length,
+            "max_prompt_length": a.max_prompt_length, "global_batch_pairs": a.global_batch,
+            "ref_batch_pairs": a.ref_batch, "repeats": a.repeats, "precision": "fp32", "beta": BETA, "lr": LR,
+            "loss": "sigmoid", "tokens": "identical on both sides (zephyr_ray.data.preference.preference_examples)",
+            "ours_layout": "dpo.ref.mode=precompute; data.packing=true (each pair one row, position_ids)",
+            "trl_layout": "padded: 2 x batch rows, padded to the longest (TRL 1.16 DPO has no padding-free mode)",
+            "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
+            "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
+        },
+        "data": prep,
+        "summary": summary,
+        "ratios_ours_over_trl": {f"{o}/{t}": ratios(summary[o], summary[t]) for o in summary for t in summary
+                                 if summary[o]["side"] == "ours" and summary[t]["side"] == "trl"},
+        "goals": goal,
+        "runs": runs,
+    }, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""dSFT training throughput: zephyr_ray (Ray Train + DeepSpeed) vs TRL's ``SFTTrainer``, same machine, same run.
+
+Both sides train the SAME tiny random Mistral (one ``build_tiny`` directory), on the SAME dialogues (one JSONL
+holding only ``messages``), with the same max length, packing (best-fit decreasing, one causal block per packed
+sequence), assistant-only loss, fp32 on CPU, and the same global batch (packed rows per optimizer step). No eval,
+no W&B / report_to, no intermediate checkpoints.
+
+Data: the first ``--limit`` (256) dialogues of ../shared/data/alpaca_eval/sft_gpt4_teacher.jsonl (else the shipped
+sample), max_length 1024. 256 is the tiny recipe's ``data.pack_window``, so ours packs the same single window that
+TRL's whole-dataset BFD packs: both train on the same packed rows. BFD emits rows fullest first (long single
+dialogues, then packed short ones), so by default the measured window is the rest of one full epoch after the
+warmup steps: both sides see the same mix of rows (TRL in random order, ours in packing order).
+
+Measured, per configuration, in a fresh subprocess (so memory and threads do not leak between them):
+
+* steady-state tokens/s = non-padding input tokens of steps (warmup, warmup + steps] / wall time between the end
+  of step ``warmup`` and the end of the last step. Step ends are wall-clock: for ours the arrival of each line of
+  ``metrics.jsonl`` (tailed every 20 ms), for TRL ``TrainerCallback.on_step_end``. Ours also reports the loop's own
+  per-step timer (``step_time_s``), which leaves out the gaps between steps.
+* peak RSS: sum of the RSS of the side's process and all its descendants (Ray's GCS, raylet, train workers and
+  Ray Data workers are descendants of the process that calls ``ray.init``), sampled every 1 s; PSS (shared pages
+  split between processes) is sampled every 5 s as a cross-check, since summed RSS counts shared libraries once
+  per process.
+* machine fp32 matmul FLOP/s (2048x2048 ``torch.matmul``, torch's default thread count), and MFU-on-CPU =
+  training FLOP/s / that, with training FLOPs/token = 6 * N_body + 6 * N_head * f + 6 * n_layers * d_model *
+  sum(n_i^2) / sum(n_i) (N_body = parameters outside the input embedding and LM head; the head is only needed at
+  the fraction f of tokens followed by a trained token; the last term is causal attention within each packed
+  sequence of n_i tokens, forward + backward). The same FLOPs/token is used for both sides (useful work only).
+* foreign CPU load: CPU used by processes outside this benchmark during each measured window (other users of the
+  machine make 2-core numbers noisy; it is printed so a disturbed run can be recognised). Before each run the
+  script waits (``--quiet-wait``) for the machine to go quiet; ``--repeats N`` interleaves N rounds and keeps each
+  configuration's best run.
+
+Configurations (``--ours``, ``--trl``; global batch = ``--global-batch`` packed rows per optimizer step):
+
+* ours-2w: configs/tiny/sft.yaml as shipped (2 Ray Train workers x 0.5 CPU, ZeRO-2, micro-batch = batch / 2);
+* ours-1w: 1 worker x 0.5 CPU (Ray then exports OMP_NUM_THREADS=1, so torch uses one core);
+* ours-1w-omp2: 1 worker, OMP_NUM_THREADS=2 exported before ``ray.init`` (Ray keeps a value it finds);
+* trl-bs: per_device_train_batch_size = batch: TRL's bfd packing is padding-free and flattens the batch into one
+  row of ~batch x max_length tokens (SDPA then computes a (batch x max_length)^2 masked attention);
+* trl-bs1-gas: per_device_train_batch_size = 1, gradient_accumulation_steps = batch (one packed row per forward).
+
+The code under test is a snapshot of zephyr_ray/ and configs/ taken at start (first on PYTHONPATH for every
+process, Ray workers included), so edits to the checkout during a run do not mix versions.
+
+    .venv/bin/python bench/sft_throughput.py [--steps N] [--warmup 3] [--limit 256] [--max-length 1024] [--repeats 1]
+        [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from common import (
+    ROOT,
+    SHARED_DATA_DIR,
+    TRL_COMMON_ARGS,
+    MetricsTail,
+    add_common_args,
+    best_of_side,
+    best_per_config,
+    check_snapshot,
+    deltas,
+    finish_session,
+    fmt,
+    machine_info,
+    matmul_flops,
+    names_in,
+    print_failures,
+    print_noise_notes,
+    read_jsonl,
+    run_rounds,
+    side_main,
+    start_local_ray,
+    start_session,
+    steady_state,
+    step_clock,
+)
+
+SHARED_DATA = SHARED_DATA_DIR / "sft_gpt4_teacher.jsonl"
+SAMPLE_DATA = ROOT / "data" / "sample" / "sft.jsonl"
+DEFAULT_OUT = ROOT / "bench" / "results" / "sft_throughput.json"
+
+# What each side is run as. "ours" entries are Ray Train worker layouts (global batch is kept the same by
+# micro_batch_size = global_batch / num_workers); "trl" entries are SFTTrainer batch layouts.
+OURS_CONFIGS = {
+    # configs/tiny/sft.yaml as shipped: 2 workers x 0.5 CPU (Ray gives each OMP_NUM_THREADS=1), ZeRO-2.
+    "ours-2w": {"num_workers": 2, "cpus_per_worker": 0.5, "deepspeed": "zero2.json", "env": {}},
+    # 1 worker x 0.5 CPU: Ray sets OMP_NUM_THREADS=floor(max(1, 0.5)) = 1, so torch uses 1 of the 2 cores.
+    "ours-1w": {"num_workers": 1, "cpus_per_worker": 0.5, "deepspeed": "zero2.json", "env": {}},
+    # 1 worker, OMP_NUM_THREADS=2 exported before ray.init (Ray keeps a value it finds), torch uses both cores.
+    "ours-1w-omp2": {
+        "num_workers": 1,
+        "cpus_per_worker": 0.5,
+        "deepspeed": "zero2.json",
+        "env": {"OMP_NUM_THREADS": "2"},
+    },
+}
+TRL_CONFIGS = {
+    # per_device_train_batch_size = global batch: TRL's bfd packing is padding-free, so the collator flattens the
+    # whole batch into ONE row of ~global_batch * max_length tokens (block-diagonal mask from position_ids).
+    "trl-bs": {"per_device": "global", "gas": 1},
+    # One packed row per forward and gradient accumulation to the same global batch: attention footprint per
+    # forward equal to ours (rows of max_length).
+    "trl-bs1-gas": {"per_device": 1, "gas": "global"},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# side: ours (run_sft on a local Ray cluster)
+
+
+def side_ours(spec: dict) -> dict:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import ray
+
+    from zephyr_ray.config import SFTRecipe, load_config
+    from zephyr_ray.train.sft import run_sft
+
+    out = Path(spec["output_dir"])
+    overrides = [
+        f"model.path={spec['model_path']}",
+        f"data.path={spec['data_path']}",
+        f"data.max_length={spec['max_length']}",
+        "data.packing=true",
+        f"train.micro_batch_size={spec['micro_batch_size']}",
+        "train.gradient_accumulation_steps=1",
+        f"train.max_steps={spec['total_steps']}",
+        f"train.epochs={spec['epochs']}",
+        "train.precision=fp32",
+        f"train.checkpoint_every={10**9}",  # only the final (forced) checkpoint, after the measured window
+        f"scaling.num_workers={spec['num_workers']}",
+        f"scaling.cpus_per_worker={spec['cpus_per_worker']}",
+        "wandb.enabled=false",
+        f"run.output_dir={out}",
+        f"run.name={spec['name']}",
+    ]
+    src = Path(spec["src"])
+    overrides.append(f"deepspeed.config={src / 'configs' / 'deepspeed' / spec['deepspeed']}")
+    cfg = load_config(src / "configs" / "tiny" / "sft.yaml", overrides, SFTRecipe)
+    t_ray, worker_pkg = start_local_ray(src)
+    tail = MetricsTail(out / "metrics.jsonl")
+    tail.start()
+    t1 = time.time()
+    run_sft(cfg)
+    t_fit = time.time() - t1
+    arrivals = tail.finish()
+    ray.shutdown()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    tokens = deltas([m["tokens"] for m in metrics])  # "tokens" is cumulative, global (all workers)
+    ends = [arrivals[m["step"]] for m in metrics]
+    w = spec["warmup"]
+    timer = metrics[w:]
+    report = json.loads((out / "data_report.json").read_text())
+    return {
+        "side": "ours",
+        "steps": len(metrics),
+        "tokens_per_step_list": tokens,
+        "step_end_unix_list": ends,
+        "step_time_s_list": [m["step_time_s"] for m in metrics],
+        "step_gap_s_list": [b - a for a, b in zip(ends, ends[1:])],
+        "steady": steady_state(ends, {"tokens": tokens}, w),
+        "loop_timer_tokens_per_s": sum(tokens[w:]) / sum(m["step_time_s"] for m in timer),
+        "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
+        "ray_init_s": t_ray,
+        "run_sft_s": t_fit,
+        "data_report": report,
+        "package_in_workers": worker_pkg,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# side: TRL SFTTrainer
+
+
+def side_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from zephyr_ray.models import load_tokenizer
+
+    check_snapshot(spec["src"])
+    rows = read_jsonl(Path(spec["data_path"]))
+    dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    tok = load_tokenizer(spec["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_path"], dtype=torch.float32, attn_implementation="sdpa"
+    )
+    args = SFTConfig(
+        output_dir=spec["output_dir"],
+        max_length=spec["max_length"],
+        packing=True,
+        packing_strategy="bfd",  # best-fit decreasing, like ours; implies padding-free (position_ids, no mask)
+        padding_free=True,
+        assistant_only_loss=True,  # labels only on {% generation %} spans (assistant content + EOS)
+        completion_only_loss=False,
+        per_device_train_batch_size=spec["per_device"],
+        gradient_accumulation_steps=spec["gas"],
+        max_steps=spec["total_steps"],
+        learning_rate=2e-3,
+        warmup_steps=0.1,
+        **TRL_COMMON_ARGS,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    packed = trainer.train_dataset
+    packed_tokens = sum(len(x) for x in packed["input_ids"])
+    # SFTTrainer counts position_ids.size(1) per micro-batch: the flattened row has no padding (pad_to_multiple_of
+    # is None on CPU), so its token count is every non-padding input token.
+    clock = step_clock(trainer)
+    t0 = time.time()
+    out = trainer.train()
+    t_train = time.time() - t0
+    tokens = deltas(clock.cum_tokens)
+    w = spec["warmup"]
+    return {
+        "side": "trl",
+        "steps": len(clock.ends),
+        "tokens_per_step_list": tokens,
+        "step_end_unix_list": clock.ends,
+        "step_gap_s_list": [b - a for a, b in zip(clock.ends, clock.ends[1:])],
+        "steady": steady_state(clock.ends, {"tokens": tokens}, w),
+        "train_s": t_train,
+        "train_loss": out.training_loss,
+        "threads": torch.get_num_threads(),
+        "packed_rows": len(packed),
+        "packed_tokens": packed_tokens,
+        "padding_free": trainer.padding_free,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def prepare(work: Path, data_src: Path, max_length: int, limit: int) -> dict:
+    """The shared model directory, the shared data file (``messages`` only) and the FLOP model of both."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zephyr_ray.data.packing import best_fit_decreasing
+    from zephyr_ray.data.tokenize import tokenize_messages
+    from zephyr_ray.models import build_tiny, load_tokenizer
+
+    model_path = build_tiny(work / "tiny-base", seed=0)
+    rows = read_jsonl(data_src)
+    rows = rows[:limit] if limit else rows
+    data_path = work / "dialogues.jsonl"
+    data_path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    tok = load_tokenizer(model_path)
+    lengths, head_positions = [], 0
+    for r in rows:
+        enc = tokenize_messages(tok, r["messages"])
+        labels = enc["labels"][:max_length]
+        lengths.append(len(labels))
+        head_positions += sum(1 for t in labels[1:] if t != -100)  # positions followed by a trained token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight.numel()
+    body = total - model.get_input_embeddings().weight.numel() - head
+    s_eff = sum(x * x for x in lengths) / sum(lengths)
+    f_head = head_positions / sum(lengths)
+    flops_per_token = 6 * body + 6 * head * f_head + 6 * c.num_hidden_layers * c.hidden_size * s_eff
+    bins = best_fit_decreasing(lengths, max_length)  # what both sides' BFD makes of these dialogues
+    return {
+        "packed_rows": len(bins),
+        "packed_rows_with_several_dialogues": sum(1 for b in bins if len(b) > 1),
+        "model_path": model_path,
+        "data_path": str(data_path),
+        "data_source": str(data_src),
+        "rows": len(rows),
+        "tokens_after_truncation": sum(lengths),
+        "truncated_rows": sum(1 for x in lengths if x == max_length),
+        "params_total": total,
+        "params_non_embedding": total - model.get_input_embeddings().weight.numel(),
+        "params_body": body,
+        "params_head": head,
+        "head_fraction": f_head,
+        "attn_effective_len": s_eff,
+        "flops_per_token": flops_per_token,
+        "flops_formula": "6*N_body + 6*N_head*f + 6*n_layers*d_model*sum(n_i^2)/sum(n_i); N_body = params outside "
+        "the input embedding and LM head, f = fraction of tokens followed by a trained (assistant) "
+        "token, n_i = tokens of each dialogue after truncation to max_length",
+        "arch": {
+            k: getattr(c, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        },
+    }
+
+
+def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_steps: int, epochs: int
+                ) -> list[tuple[dict, dict]]:
+    """(spec, extra env) of every configuration asked for, ours first."""
+    common = {"src": str(src), "model_path": prep["model_path"], "data_path": prep["data_path"],
+              "max_length": a.max_length, "total_steps": total_steps, "warmup": a.warmup}
+    specs = []
+    for name in names_in(a.ours, OURS_CONFIGS):
+        oc = OURS_CONFIGS[name]
+        if a.global_batch % oc["num_workers"]:
+            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
+        spec = {"side": "ours", "name": name, **common, "micro_batch_size": a.global_batch // oc["num_workers"],
+                "num_workers": oc["num_workers"], "cpus_per_worker": oc["cpus_per_worker"],
+                "deepspeed": oc["deepspeed"], "epochs": epochs, "output_dir": str(work / name)}
+        specs.append((spec, oc["env"]))
+    for name in names_in(a.trl, TRL_CONFIGS):
+        tc = TRL_CONFIGS[name]
+        per = a.global_batch if tc["per_device"] == "global" else tc["per_device"]
+        gas = a.global_batch if tc["gas"] == "global" else tc["gas"]
+        specs.append(({"side": "trl", "name": name, **common, "per_device": per, "gas": gas,
+                       "output_dir": str(work / name)}, {}))
+    return specs
+
+
+def tokens_per_s(r: dict) -> float:
+    return r["steady"]["tokens_per_s"]
+
+
+def print_table(a: argparse.Namespace, prep: dict, specs: list, runs: list[dict], best: dict[str, dict],
+                mm_before: dict, mm_after: dict, total_steps: int, work: Path) -> None:
+    peak = max(mm_before["best_flops"], mm_after["best_flops"])
+    print()
+    print(
+        f"dSFT throughput, tiny Mistral ({prep['params_total']:,} params; body {prep['params_body']:,}, LM head "
+        f"{prep['params_head']:,}), "
+        f"max_length {a.max_length}, {a.global_batch} packed rows/step, fp32, assistant-only loss, data "
+        f"{Path(prep['data_source']).name} ({prep['rows']} dialogues, {prep['truncated_rows']} truncated; "
+        f"{prep['packed_rows']} packed rows, {prep['packed_rows_with_several_dialogues']} holding several)"
+    )
+    print(
+        f"steady state = steps {a.warmup + 1}..{total_steps} (first {a.warmup} excluded); machine fp32 matmul "
+        f"{peak / 1e9:.1f} GFLOP/s (2048^3, best of before/after: {mm_before['best_flops'] / 1e9:.1f} / "
+        f"{mm_after['best_flops'] / 1e9:.1f}); FLOPs/token {prep['flops_per_token'] / 1e6:.2f} M (head fraction "
+        f"{prep['head_fraction']:.2f}, attention length {prep['attn_effective_len']:.0f})"
+        + (f"; best of {a.repeats} runs per config" if a.repeats > 1 else "")
+    )
+    hdr = (
+        f"{'config':<14}{'tokens/s':>10}{'tok/step':>10}{'s/step':>8}{'loop-timer':>11}{'MFU-cpu':>9}"
+        f"{'peak RSS':>10}{'peak PSS':>10}{'procs':>6}{'wall':>7}{'other cores':>12}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for spec, _ in specs:
+        r = best.get(spec["name"])
+        if r is None:
+            print(f"{spec['name']:<14} FAILED (logs in {work})")
+            continue
+        st = r["steady"]
+        others = [tokens_per_s(x) for x in runs if x["name"] == spec["name"] and x["ok"]]
+        print(
+            f"{r['name']:<14}{st['tokens_per_s']:>10.0f}{st['tokens_per_step']:>10.0f}{st['step_time_s']:>8.3f}"
+            f"{fmt(r.get('loop_timer_tokens_per_s')):>11}{100 * r['mfu_cpu']:>8.2f}%"
+            f"{r['peak_rss_mb']:>8.0f}MB{r['peak_pss_mb']:>8.0f}MB{r['peak_rss_processes']:>6}"
+            f"{r['process_wall_s']:>6.0f}s{fmt(r['foreign_cpu_cores_in_window'], '.2f'):>12}"
+            + (
+                f"   runs: {', '.join(f'{x:.0f}' for x in others)} (median {statistics.median(others):.0f})"
+                if len(others) > 1
+                else ""
+            )
+        )
+    print(
+        "tokens/s: non-padding input tokens / wall time of the measured steps (best run per config); loop-timer: "
+        "ours' own step_time_s "
+        "(leaves out gaps between steps); MFU-cpu: tokens/s x FLOPs/token / matmul FLOP/s; peak RSS: summed over the "
+        "process tree (PSS: shared pages split); wall: whole subprocess incl. startup; other cores: CPU used by "
+        "processes outside the benchmark during the window"
+    )
+    best_ours, best_trl = best_of_side(best, "ours", tokens_per_s), best_of_side(best, "trl", tokens_per_s)
+    if best_ours and best_trl:
+        print(
+            f"\nratio ours/TRL = {tokens_per_s(best_ours) / tokens_per_s(best_trl):.2f}x  (ours best: "
+            f"{best_ours['name']} {tokens_per_s(best_ours):.0f} tok/s; TRL best: {best_trl['name']} "
+            f"{tokens_per_s(best_trl):.0f} tok/s; goal >= 1.3x)"
+        )
+        print(
+            f"peak RSS: ours ({best_ours['name']}) {best_ours['peak_rss_mb']:.0f} MB (PSS "
+            f"{best_ours['peak_pss_mb']:.0f} MB) vs TRL ({best_trl['name']}) {best_trl['peak_rss_mb']:.0f} MB (PSS "
+            f"{best_trl['peak_pss_mb']:.0f} MB)"
+        )
+    print_noise_notes({k: r["foreign_cpu_cores_in_window"] for k, r in best.items()}, a)
+    print_failures(runs)
+
+
+def result_payload(a: argparse.Namespace, prep: dict, specs: list, runs: list[dict], best: dict[str, dict],
+                   machine: dict, epochs: int) -> dict:
+    best_ours, best_trl = best_of_side(best, "ours", tokens_per_s), best_of_side(best, "trl", tokens_per_s)
+    return {
+        "machine": machine,
+        "config": {
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "max_length": a.max_length,
+            "global_batch_rows": a.global_batch,
+            "repeats": a.repeats,
+            "epochs_cap": epochs,
+            "precision": "fp32",
+            "packing": "best-fit decreasing, position_ids, no attention mask (both sides)",
+            "loss": "assistant tokens only (both sides)",
+            "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
+            "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
+        },
+        "model_and_data": prep,
+        "ours_tokens_per_s": tokens_per_s(best_ours) if best_ours else None,
+        "trl_tokens_per_s": tokens_per_s(best_trl) if best_trl else None,
+        "ratio_ours_over_trl": tokens_per_s(best_ours) / tokens_per_s(best_trl) if best_ours and best_trl else None,
+        "ours_best_config": best_ours["name"] if best_ours else None,
+        "trl_best_config": best_trl["name"] if best_trl else None,
+        "ours_peak_rss_mb": best_ours["peak_rss_mb"] if best_ours else None,
+        "trl_peak_rss_mb": best_trl["peak_rss_mb"] if best_trl else None,
+        "best_by_config": {
+            k: {
+                "tokens_per_s": tokens_per_s(v),
+                "mfu_cpu": v["mfu_cpu"],
+                "peak_rss_mb": v["peak_rss_mb"],
+                "peak_pss_mb": v["peak_pss_mb"],
+                "round": v["round"],
+                "all_runs_tokens_per_s": [tokens_per_s(x) for x in runs if x["name"] == k and x["ok"]],
+            }
+            for k, v in best.items()
+        },
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)",
+    )
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=256,
+        help="first N dialogues of the data (default 256 = the tiny recipe's data.pack_window, so both sides pack "
+        "the same rows; 0 = all)",
+    )
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step (both sides)")
+    ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
+    ap.add_argument("--ours", default="ours-2w,ours-1w,ours-1w-omp2", help=f"of {list(OURS_CONFIGS)}")
+    ap.add_argument("--trl", default="trl-bs,trl-bs1-gas", help=f"of {list(TRL_CONFIGS)}")
+    add_common_args(ap, DEFAULT_OUT)
+    a = ap.parse_args()
+    if a._side:
+        side_main(a, {"ours": side_ours, "trl": side_trl})
+        return
+
+    data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
+    session = start_session(a.work_dir, "sft_bench_", f"data {data_src}")
+    prep = prepare(session.work, data_src, a.max_length, a.limit)
+    # Packed rows come out of best-fit decreasing fullest first (long single dialogues, then packed short ones),
+    # so a window shorter than an epoch sees an unrepresentative mix; by default the window is the whole epoch.
+    epoch_steps = prep["packed_rows"] // a.global_batch
+    steps = a.steps if a.steps is not None else epoch_steps - a.warmup
+    if steps < 2:
+        raise SystemExit(f"{prep['packed_rows']} packed rows make {epoch_steps} steps: too few; raise --limit")
+    total_steps = a.warmup + steps
+    epochs = math.ceil(total_steps / epoch_steps)
+    if epochs > 1:
+        print(
+            f"[bench] note: {total_steps} steps span {epochs} epochs of {epoch_steps}; ours re-runs its Ray Data "
+            "pipeline at each epoch start",
+            flush=True,
+        )
+    a.steps = steps
+    mm_before = matmul_flops()
+    print(
+        f"[bench] fp32 matmul {mm_before['best_flops'] / 1e9:.1f} GFLOP/s (best; {mm_before['threads']} threads); "
+        f"{a.warmup} warmup + {a.steps} measured steps per run",
+        flush=True,
+    )
+    specs = build_specs(a, session.src, prep, session.work, total_steps, epochs)
+    runs = run_rounds(Path(__file__).resolve(), specs, session.work, a,
+                      lambda r: f"{tokens_per_s(r):.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    mm_after = matmul_flops()
+    machine = machine_info(mm_before, mm_after)
+    for r in runs:
+        if r["ok"]:
+            r["train_flops"] = tokens_per_s(r) * prep["flops_per_token"]
+            r["mfu_cpu"] = r["train_flops"] / machine["matmul_fp32_peak_flops"]
+    best = best_per_config(runs, [s["name"] for s, _ in specs], tokens_per_s)
+    print_table(a, prep, specs, runs, best, mm_before, mm_after, total_steps, session.work)
+    finish_session(session, result_payload(a, prep, specs, runs, best, machine, epochs), a.out)
+
+
+if __name__ == "__main__":
+    main()
