@@ -34,6 +34,8 @@ bench: install
 	$(PY) bench/dpo_throughput.py
 	$(PY) bench/generation_throughput.py
 	$(PY) bench/aif_throughput.py
+	$(PY) bench/eval_mt_bench.py
+	$(PY) bench/serve_load.py
 
 lint: install
 	$(VENV)/bin/ruff check zephyr_ray jobs bench tests

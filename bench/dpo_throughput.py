@@ -107,6 +107,9 @@ OURS_CONFIGS = {
     "ours-1w": {"num_workers": 1, "cpus_per_worker": 0.5, "env": {}},
     # 1 worker, OMP_NUM_THREADS=2 exported before ray.init (Ray keeps a value it finds): torch uses both cores.
     "ours-1w-omp2": {"num_workers": 1, "cpus_per_worker": 0.5, "env": {"OMP_NUM_THREADS": "2"}},
+    # ours-2w with chosen and rejected as two padded rows (TRL's layout) instead of one packed row: on CPU the
+    # packed row's attention is one (2L)^2 masked block, twice the work of two L^2 rows at long lengths.
+    "ours-2w-unpacked": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}, "overrides": ["data.packing=false"]},
 }
 TRL_CONFIGS = {
     "trl-ref": {"precompute_ref_log_probs": False},  # a frozen reference model next to the policy, run every step
@@ -143,6 +146,7 @@ def ours_overrides(spec: dict) -> list[str]:
         "wandb.enabled=false",
         f"run.output_dir={spec['output_dir']}",
         f"run.name={spec['name']}",
+        *spec.get("overrides", []),
     ]
 
 
@@ -328,7 +332,8 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
             raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
         spec = {"side": "ours", "name": name, **shared, "data_path": prep["data_path"],
                 "micro_batch_size": a.global_batch // oc["num_workers"], "num_workers": oc["num_workers"],
-                "cpus_per_worker": oc["cpus_per_worker"], "epochs": epochs, "output_dir": str(work / name)}
+                "cpus_per_worker": oc["cpus_per_worker"], "epochs": epochs, "output_dir": str(work / name),
+                "overrides": oc.get("overrides", [])}
         specs.append((spec, oc["env"]))
     for name in names_in(a.trl, TRL_CONFIGS):
         spec = {"side": "trl", "name": name, **shared, **TRL_CONFIGS[name], "ids_path": prep["ids_path"],

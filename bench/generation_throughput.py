@@ -42,41 +42,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ALPACA = ROOT.parent / "shared" / "data" / "alpaca_eval" / "completions.jsonl"
+
+from common import build_model, load_prompts  # noqa: E402
+
 DEFAULT_OUT = ROOT / "bench" / "results" / "generation_throughput.json"
-MEDIUM = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
-          "num_key_value_heads": 2}
-
-
-def load_prompts(n: int) -> tuple[list[str], str]:
-    if ALPACA.exists():
-        with ALPACA.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for _, line in zip(range(n), f)]
-        return [r["prompt"] for r in rows], str(ALPACA.relative_to(ROOT.parent))
-    from zephyr_ray.data.samples import sample_prompts
-
-    return [r["prompt"] for r in sample_prompts(n)], "zephyr_ray.data.samples.sample_prompts"
-
-
-def build_model(kind: str, out: Path) -> str:
-    """``tiny`` as built by the project; ``medium`` = the tiny tokenizer with a bigger random Mistral."""
-    from zephyr_ray.models import build_tiny
-
-    path = build_tiny(out, seed=0)
-    if kind == "medium":
-        import torch
-        from transformers import MistralConfig, MistralForCausalLM
-
-        config = MistralConfig.from_pretrained(path)
-        for k, v in MEDIUM.items():
-            setattr(config, k, v)
-        config.head_dim = MEDIUM["hidden_size"] // MEDIUM["num_attention_heads"]
-        torch.manual_seed(0)
-        model = MistralForCausalLM(config)
-        model.generation_config.pad_token_id = config.pad_token_id
-        model.save_pretrained(path, safe_serialization=True)
-    return path
-
 
 def cpu_clock() -> tuple[float, float]:
     """(machine busy CPU seconds, this process's CPU seconds): their deltas give the foreign CPU load."""

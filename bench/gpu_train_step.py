@@ -46,14 +46,9 @@ import torch  # noqa: E402
 from zephyr_ray.data.packing import collate, pack_sequences  # noqa: E402
 from zephyr_ray.data.tokenize import IGNORE_INDEX  # noqa: E402
 from zephyr_ray.train import losses  # noqa: E402
+from zephyr_ray.train.dpo import collate_pairs  # noqa: E402  (imports neither Ray, DeepSpeed nor omegaconf)
 
-try:  # the real pair collation; zephyr_ray.train.dpo imports zephyr_ray.config, which needs omegaconf
-    from zephyr_ray.train.dpo import collate_pairs
-
-    PAIRS_FROM = "zephyr_ray.train.dpo.collate_pairs"
-except ImportError as exc:
-    collate_pairs = None
-    PAIRS_FROM = f"local copy (zephyr_ray.train.dpo did not import: {exc})"
+PAIRS_FROM = "zephyr_ray.train.dpo.collate_pairs"
 
 HEAVY = sorted(m for m in ("ray", "deepspeed") if sys.modules.get(m) is not None)
 HAS_KEEP = all(hasattr(losses, f) for f in ("label_logits", "sequence_logps", "preference_loss"))
@@ -147,33 +142,6 @@ def sft_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
-def _collate_pairs_copy(batch: dict, pad_id: int, packing: bool) -> dict:
-    """Same layout as zephyr_ray.train.dpo.collate_pairs (used only when that module cannot be imported)."""
-    n = len(batch["prompt_ids"])
-    seqs = {}
-    for side, offset in (("chosen", 0), ("rejected", n)):
-        for i in range(n):
-            prompt, answer = list(batch["prompt_ids"][i]), list(batch[f"{side}_ids"][i])
-            seqs[offset + i] = (prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
-    groups = [[i, n + i] for i in range(n)] if packing else [[s] for s in range(2 * n)]
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "seq_index": []}
-    for group in groups:
-        for key in rows:
-            rows[key].append([])
-        for s in group:
-            ids, labels = seqs[s]
-            rows["input_ids"][-1] += ids
-            rows["labels"][-1] += labels
-            rows["position_ids"][-1] += range(len(ids))
-            rows["seq_index"][-1] += [s] * len(ids)
-    out = collate({**rows, "sample_ids": batch["sample_ids"]}, pad_id)
-    seq_index = torch.full_like(out["input_ids"], -1)
-    for r, idx in enumerate(rows["seq_index"]):
-        seq_index[r, : len(idx)] = torch.tensor(idx)
-    out.update(seq_index=seq_index, num_pairs=n, num_tokens=sum(len(r) for r in rows["input_ids"]))
-    return out
-
-
 def dpo_batch(
     rng: np.random.Generator,
     pairs: int,
@@ -193,8 +161,7 @@ def dpo_batch(
                 rng.integers(3, vocab, size=int(rng.integers(max_len // 8, max_len - prompt + 1))).tolist()
             )
         raw["sample_ids"].append([str(i)])
-    fn = collate_pairs or _collate_pairs_copy
-    b = fn(raw, pad_id, packing)
+    b = collate_pairs(raw, pad_id, packing)
     lengths = [len(p) + len(c) for p, c in zip(raw["prompt_ids"], raw["chosen_ids"])]
     lengths += [len(p) + len(r) for p, r in zip(raw["prompt_ids"], raw["rejected_ids"])]
     b["sum_n2"] = sum(x * x for x in lengths)

@@ -6,7 +6,8 @@ from zephyr_ray.config import RECIPES, ConfigError, SFTRecipe, TrainConfig, load
 from zephyr_ray.train.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE_FILES = sorted((ROOT / "configs").glob("*/*.yaml"))
+# configs/serve/ holds Ray Serve config files (serve run / serve deploy), not recipes: tests/test_serve.py checks them.
+RECIPE_FILES = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "serve")
 DS_FILES = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 
 

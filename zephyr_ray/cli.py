@@ -10,6 +10,7 @@ from zephyr_ray.config import (
     AIFRecipe,
     ConfigError,
     DPORecipe,
+    EvalRecipe,
     GenerateRecipe,
     SelfInstructRecipe,
     SFTRecipe,
@@ -52,12 +53,20 @@ def _selfinstruct(cfg: SelfInstructRecipe) -> str:
     return f"dialogues: {run_selfinstruct(cfg).absolute()}"
 
 
+def _eval(cfg: EvalRecipe) -> str:
+    from zephyr_ray.eval.run import run_eval
+
+    result = run_eval(cfg)
+    return f"evaluation report: {result.report.absolute()} (results.json, chart and judgments in {result.dir.absolute()})"
+
+
 STAGES = {
     "sft": (SFTRecipe, _sft, "distilled supervised fine-tuning (dSFT)"),
     "dpo": (DPORecipe, _dpo, "distilled direct preference optimisation (dDPO)"),
     "generate": (GenerateRecipe, _generate, "completions of one model for a prompt set"),
     "aif": (AIFRecipe, _aif, "AI feedback: candidates answer, judges rate, best vs random lower become pairs"),
     "selfinstruct": (SelfInstructRecipe, _selfinstruct, "multi-turn dSFT dialogues written by a teacher from seed prompts"),
+    "eval": (EvalRecipe, _eval, "MT-Bench and AlpacaEval-style win rate with an LLM judge; radar chart and report"),
 }
 
 
@@ -82,6 +91,15 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from zephyr_ray.config import ServeRecipe
+    from zephyr_ray.serve.app import run_server
+
+    cfg = load_config(args.config, args.overrides, ServeRecipe)
+    run_server(cfg, detach=args.detach, ready=lambda msg: print(msg, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zephyr-ray", description="The Zephyr alignment recipe on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("prompts", nargs="+")
     chat.set_defaults(func=_chat)
+    srv = sub.add_parser("serve", help="OpenAI-compatible chat endpoint on Ray Serve (until Ctrl-C)")
+    srv.add_argument("--config", required=True, help="serve recipe YAML, e.g. configs/tiny/serve.yaml")
+    srv.add_argument("--detach", action="store_true",
+                     help="deploy onto the cluster (RAY_ADDRESS) and exit, leaving the app running")
+    srv.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=8000")
+    srv.set_defaults(func=_serve)
     return parser
 
 

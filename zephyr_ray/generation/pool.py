@@ -78,6 +78,10 @@ class _EngineActor:
         from zephyr_ray.generation import make_engine
 
         self.cfg = from_dict(engine, EngineConfig)
+        if self.cfg.threads_per_actor:
+            import torch
+
+            torch.set_num_threads(self.cfg.threads_per_actor)
         self.engine = make_engine(self.cfg, out_dir)
         self.work = work
         self.out_dir = Path(out_dir)

@@ -133,7 +133,9 @@ def dpo_train_loop(config: dict[str, Any]) -> None:
 class ReferenceLogps:
     """Ray Data actor: the frozen reference model adding ``ref_chosen_logps``/``ref_rejected_logps``."""
 
-    def __init__(self, path: str, pad_id: int, packing: bool, dtype: str, attn: str):
+    def __init__(self, path: str, pad_id: int, packing: bool, dtype: str, attn: str, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = _frozen(path, device, getattr(torch, dtype), attn)
         self.pad_id, self.packing = pad_id, packing
@@ -186,6 +188,7 @@ def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecip
             num_gpus=ref.num_gpus_per_actor, num_cpus=ref.num_cpus_per_actor,
             fn_constructor_kwargs={"path": ref.path or model_path, "pad_id": cached_tokenizer(model_path).pad_token_id,
                                    "packing": cfg.data.packing, "attn": cfg.model.attn_implementation,
+                                   "threads": ref.threads_per_actor,
                                    "dtype": "bfloat16" if cfg.train.precision == "bf16" else "float32"},
         ).write_parquet(str(target))
         seconds = time.perf_counter() - t0

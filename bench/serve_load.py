@@ -1,0 +1,419 @@
+"""Serving load: the Ray Serve chat endpoint over HTTP vs the same generation called in-process, same run.
+
+Each side runs at concurrency 1, 8 and 32 (closed loop: ``c`` clients, each sends its next request when its
+previous one has ended), greedy, ``--max-tokens`` tokens per request, distinct prompts, in two modes: ``json``
+(non-streamed; latency = request sent -> whole response) and ``stream`` (SSE; latency = request sent -> end of
+stream, TTFT = request sent -> first content text):
+
+* ``served``: ``zephyr_ray.serve`` on a fresh local Ray cluster (2 CPUs) owned by this script: one replica
+  (``num_cpus`` 1, ``--threads`` torch threads), reached through the Serve HTTP proxy by ``httpx.AsyncClient``
+  (SSE parsed on the client). The ``serve.stream_interval_s`` default applies to streams.
+* ``in-process``: the replica's generation path without HTTP, Serve or Ray: the same ``Batcher`` +
+  ``HFStreamingBackend`` on an ``HFEngine`` in this process (``--threads`` torch threads), the same clients as
+  asyncio tasks; latency = submit -> finished; TTFT = submit -> first text delta.
+* ``engine`` (concurrency 1, json): ``HFEngine.generate`` on one conversation, the engine the AIF stage uses.
+
+Both servers batch with the same ``--max-batch-size`` and ``--batch-wait-ms``. Models (random init, so rows
+nearly always run to ``--max-tokens``): ``tiny`` (``build_tiny``: hidden 128, 2 layers; ~1 ms a token, so fixed
+per-request costs weigh most) and ``medium`` (hidden 512, 6 layers, MLP 1536). Prompts: the first ``--prompts``
+instructions of ../shared/data/alpaca_eval/completions.jsonl when present (else the sample prompts), cycled.
+Concurrency 1 runs request by request in turn (served, in-process, engine), ``--rounds`` x ``--requests``
+requests pooled, so load changes on the shared machine hit every side alike; higher levels run ``--rounds``
+times per side and mode, interleaved, and the round with the lowest p50 latency is reported (every round is in
+the JSON). ``same_text``: the served greedy texts equal the in-process ones.
+``foreign``: cores other processes (not this script, not its Ray cluster) used during the run.
+
+    .venv/bin/python bench/serve_load.py [--models tiny,medium] [--max-tokens 64] [--concurrency 1,8,32]
+        [--requests 24] [--rounds 2] [--threads 1] [--out bench/results/serve_load.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import build_model, load_prompts  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "serve_load.json"
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def summarize(records: list[dict], seconds: float) -> dict:
+    lat = [r["latency_s"] for r in records]
+    ttft = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
+    tokens = sum(r["tokens"] for r in records)
+    return {"requests": len(records), "seconds": seconds, "requests_per_s": len(records) / seconds,
+            "tokens_per_s": tokens / seconds, "completion_tokens": tokens,
+            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95), "latency_mean_s": statistics.mean(lat),
+            "ttft_p50_s": pct(ttft, 0.5) if ttft else None, "ttft_p95_s": pct(ttft, 0.95) if ttft else None}
+
+
+class CpuClock:
+    """Machine busy CPU seconds minus this process tree's (this script and the Ray cluster it started)."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+
+    def _own(self) -> float:
+        total = 0.0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except self.psutil.Error:
+                pass
+        return total
+
+    def sample(self) -> tuple[float, float, float]:
+        m = self.psutil.cpu_times()
+        busy = m.user + m.nice + m.system + getattr(m, "irq", 0) + getattr(m, "softirq", 0)
+        return busy, self._own(), time.perf_counter()
+
+    @staticmethod
+    def foreign(a: tuple, b: tuple) -> float:
+        return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
+
+
+# ------------------------------------------------------------------------------------------------ sides
+
+
+async def closed_loop(one, conversations: list, concurrency: int, total: int) -> tuple[list[dict], float]:
+    """``concurrency`` workers send ``total`` requests (prompt i = request i, cycled), one after another each."""
+    queue = list(range(total))
+    records: list[dict] = []
+
+    async def worker():
+        while queue:
+            i = queue.pop(0)
+            rec = await one(conversations[i % len(conversations)])
+            rec["prompt"] = i % len(conversations)
+            records.append(rec)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return records, time.perf_counter() - start
+
+
+def http_request(client, url: str, model: str, max_tokens: int, stream: bool):
+    async def one(conversation) -> dict:
+        body = {"model": model, "messages": conversation, "max_tokens": max_tokens, "temperature": 0}
+        t0 = time.perf_counter()
+        if not stream:
+            r = await client.post(url, json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]!r}")
+            out = r.json()
+            return {"latency_s": time.perf_counter() - t0, "ttft_s": None, "text": out["choices"][0]["message"]["content"],
+                    "tokens": out["usage"]["completion_tokens"]}
+        body.update(stream=True, stream_options={"include_usage": True})
+        ttft, text, tokens, done = None, [], 0, False
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                for c in chunk["choices"]:
+                    piece = c["delta"].get("content")
+                    if piece:
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                        text.append(piece)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        if not done:
+            raise RuntimeError("stream ended without [DONE]")
+        return {"latency_s": time.perf_counter() - t0, "ttft_s": ttft, "tokens": tokens, "text": "".join(text)}
+
+    return one
+
+
+def in_process_request(batcher, tokenize, max_tokens: int, stream: bool):
+    from zephyr_ray.generation.types import SamplingParams
+    from zephyr_ray.serve.batching import Job
+
+    async def one(conversation) -> dict:
+        t0 = time.perf_counter()
+        job = Job(conversation, tokenize(conversation), SamplingParams(max_new_tokens=max_tokens), stream=stream)
+        batcher.submit(job)
+        ttft, text = None, []
+        while True:
+            kind, _, value = await job.events.get()
+            if kind == "delta":
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                text.append(value)
+            elif kind == "finish":
+                return {"latency_s": time.perf_counter() - t0, "ttft_s": ttft, "tokens": value.completion_tokens,
+                        "text": "".join(text) if stream else value.text}
+            else:
+                raise value
+
+    return one
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_model(kind: str, a: argparse.Namespace, levels: list[int], conversations: list, work: Path,
+                clock: CpuClock) -> dict:
+    """Both sides for one model: a fresh local Ray cluster and Serve app, shut down at the end."""
+    import httpx
+    import ray
+    import torch
+    from ray import serve
+
+    from zephyr_ray.config import EngineConfig, ServeRecipe, load_config
+    from zephyr_ray.generation.hf import HFEngine
+    from zephyr_ray.generation.types import SamplingParams
+    from zephyr_ray.serve.app import build_app
+    from zephyr_ray.serve.batching import Batcher, HFStreamingBackend
+
+    path = build_model(kind, work / kind)
+    engine = HFEngine(EngineConfig(max_prompt_length=1024), path)
+
+    def tokenize(conversation):
+        return engine.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"]
+
+    def thread_init():
+        torch.set_num_threads(a.threads)
+
+    port = free_port()
+    wait = [] if a.batch_wait_ms is None else [f"serve.batch_wait_timeout_s={a.batch_wait_ms / 1000}"]
+    cfg = load_config(ROOT / "configs/tiny/serve.yaml", [
+        f"engine.path={path}", "engine.name=bench", "engine.max_prompt_length=1024", f"serve.port={port}",
+        f"serve.torch_threads={a.threads}", f"serve.max_batch_size={a.max_batch_size}", *wait, "serve.num_cpus=1",
+        "serve.max_ongoing_requests=128", f"run.output_dir={work}"], ServeRecipe)
+    t0 = time.time()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg, api_key=None), name="bench", route_prefix="/")
+    startup_s = time.time() - t0
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    print(f"[{kind}] Serve app up in {startup_s:.1f} s at {url}", flush=True)
+
+    # results[side][mode][concurrency] = one summary per round
+    results: dict[str, dict[str, dict[int, list[dict]]]] = {}
+    texts: dict[str, dict[int, str]] = {"served": {}, "in-process": {}}
+
+    async def measure(side: str, mode: str, one, c: int, total: int, stats) -> None:
+        stats0 = await stats()
+        s0 = clock.sample()
+        records, seconds = await closed_loop(one, conversations, c, total)
+        foreign = CpuClock.foreign(s0, clock.sample())
+        stats1 = await stats()
+        summary = summarize(records, seconds)
+        batches = stats1["batches"] - stats0["batches"]
+        summary.update({"concurrency": c, "foreign_cpu_cores": foreign, "batches": batches,
+                        "mean_batch_rows": (stats1["rows"] - stats0["rows"]) / max(1, batches),
+                        "batch_rows": list(stats1["recent_rows"][-batches:]) if batches <= 16 else None})
+        results.setdefault(side, {}).setdefault(mode, {}).setdefault(c, []).append(summary)
+        for rec in records:
+            texts[side].setdefault(rec["prompt"], rec["text"])
+        ttft = "" if summary["ttft_p50_s"] is None else f"  ttft p50 {summary['ttft_p50_s'] * 1000:6.1f} ms"
+        print(f"  c={c:<3} {side:10} {mode:6}: {summary['requests_per_s']:6.2f} req/s  p50 "
+              f"{summary['latency_p50_s'] * 1000:7.1f} ms{ttft}  batch rows {summary['mean_batch_rows']:5.1f} "
+              f"{summary['batch_rows']}  foreign CPU {foreign:.2f}", flush=True)
+
+    async def paired(sides: dict, total: int) -> None:
+        """Concurrency 1, request by request in turn (served, in-process, engine), all rounds pooled: a change in
+        the machine's load hits every side alike."""
+        engine_params = SamplingParams(max_new_tokens=a.max_tokens)
+        for mode in ("json", "stream"):
+            ones = {side: make(mode == "stream") for side, (make, _) in sides.items()}
+            records: dict[str, list[dict]] = {side: [] for side in [*ones, *(["engine"] if mode == "json" else [])]}
+            s0 = clock.sample()
+            for i in range(total * a.rounds):
+                conversation = conversations[i % len(conversations)]
+                for side, one in ones.items():
+                    rec = await one(conversation)
+                    rec["prompt"] = i % len(conversations)
+                    records[side].append(rec)
+                if mode == "json":
+                    t = time.perf_counter()
+                    [[done]] = engine.generate([conversation], engine_params)
+                    records["engine"].append({"latency_s": time.perf_counter() - t, "ttft_s": None, "text": done.text,
+                                              "tokens": done.completion_tokens, "prompt": i % len(conversations)})
+            foreign = CpuClock.foreign(s0, clock.sample())
+            for side, recs in records.items():
+                summary = summarize(recs, sum(r["latency_s"] for r in recs))
+                summary.update({"concurrency": 1, "foreign_cpu_cores": foreign, "paired": True})
+                if side != "engine":
+                    summary.update({"batches": len(recs), "mean_batch_rows": 1.0})
+                    for rec in recs:
+                        texts[side].setdefault(rec["prompt"], rec["text"])
+                results.setdefault(side, {}).setdefault(mode, {}).setdefault(1, []).append(summary)
+                ttft = "" if summary["ttft_p50_s"] is None else f"  ttft p50 {summary['ttft_p50_s'] * 1000:6.1f} ms"
+                print(f"  c=1   {side:10} {mode:6}: {summary['requests_per_s']:6.2f} req/s  p50 "
+                      f"{summary['latency_p50_s'] * 1000:7.1f} ms{ttft}  (paired)  foreign CPU {foreign:.2f}", flush=True)
+
+    async def run_all():
+        limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            batcher = Batcher(HFStreamingBackend(engine), a.max_batch_size, cfg.serve.batch_wait_timeout_s, thread_init)
+            health = f"http://127.0.0.1:{port}/health"
+
+            async def served_stats():
+                return (await client.get(health)).json()["batching"]
+
+            async def local_stats():
+                return dict(vars(batcher.stats))
+
+            sides = {"served": (lambda stream: http_request(client, url, "bench", a.max_tokens, stream), served_stats),
+                     "in-process": (lambda stream: in_process_request(batcher, tokenize, a.max_tokens, stream),
+                                    local_stats)}
+            for make, _ in sides.values():  # warm both paths
+                await closed_loop(make(True), conversations, 4, 8)
+            for c in levels:
+                total = max(a.requests, 4 * c)
+                if c == 1:
+                    await paired(sides, total)
+                    continue
+                for _ in range(a.rounds):
+                    for mode in ("json", "stream"):
+                        for side, (make, stats) in sides.items():
+                            await measure(side, mode, make(mode == "stream"), c, total, stats)
+            await batcher.close()
+
+    try:
+        asyncio.run(run_all())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    best = {side: {mode: {c: min(rounds, key=lambda s: s["latency_p50_s"]) for c, rounds in by_c.items()}
+                   for mode, by_c in by_mode.items()} for side, by_mode in results.items()}
+    common = sorted(set(texts["served"]) & set(texts["in-process"]))
+    ratios: dict[str, dict[str, float]] = {}
+    for mode in ("json", "stream"):
+        for c in levels:
+            srv, loc = best["served"][mode][c], best["in-process"][mode][c]
+            r = {"latency_p50": srv["latency_p50_s"] / loc["latency_p50_s"],
+                 "requests_per_s": srv["requests_per_s"] / loc["requests_per_s"]}
+            if mode == "stream":
+                r["ttft_p50"] = srv["ttft_p50_s"] / loc["ttft_p50_s"]
+            ratios[f"{mode}@{c}"] = r
+    rps = {mode: [best["served"][mode][c]["requests_per_s"] for c in levels] for mode in ("json", "stream")}
+    goals = {"p50_latency_c1_within_1.1x_in_process": ratios["json@1"]["latency_p50"] <= 1.1 if 1 in levels else None,
+             "served_throughput_rises_with_concurrency": {m: all(y > x for x, y in zip(v, v[1:])) for m, v in rps.items()}}
+    arch = {k: getattr(engine.model.config, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    return {"model": kind, "arch": arch, "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "serve_startup_s": startup_s, "stream_interval_s": cfg.serve.stream_interval_s,
+            "stream_events_per_s": cfg.serve.stream_events_per_s, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+            "best": best,
+            "ratios_served_over_in_process": ratios,
+            "same_text": all(texts["served"][i] == texts["in-process"][i] for i in common),
+            "same_text_prompts": len(common), "goals": goals, "all_rounds": results}
+
+
+def print_table(results: list[dict], levels: list[int]) -> None:
+    head = (f"{'model':7} {'side':10} {'mode':6} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+            f"{'ttft p50':>9} {'ttft p95':>9} {'batch':>6} {'foreign':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        best = r["best"]
+        for mode in ("json", "stream"):
+            for c in levels:
+                for side in ("engine", "in-process", "served"):
+                    s = best.get(side, {}).get(mode, {}).get(c)
+                    if s is None:
+                        continue
+                    ttft50 = "-" if s["ttft_p50_s"] is None else f"{s['ttft_p50_s'] * 1000:.1f}"
+                    ttft95 = "-" if s["ttft_p95_s"] is None else f"{s['ttft_p95_s'] * 1000:.1f}"
+                    batch = f"{s['mean_batch_rows']:.1f}" if "mean_batch_rows" in s else "-"
+                    print(f"{r['model']:7} {side:10} {mode:6} {c:4d} {s['requests_per_s']:7.2f} {s['tokens_per_s']:8.1f} "
+                          f"{s['latency_p50_s'] * 1000:8.1f} {s['latency_p95_s'] * 1000:8.1f} {ttft50:>9} {ttft95:>9} "
+                          f"{batch:>6} {s['foreign_cpu_cores']:7.2f}")
+        print()
+        for key, ratio in r["ratios_served_over_in_process"].items():
+            print(f"{r['model']}: served / in-process, {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+        print(f"{r['model']}: same greedy text served vs in-process: {r['same_text']} ({r['same_text_prompts']} prompts); "
+              f"goals: {r['goals']}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny,medium", help="comma list of tiny, medium")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=24, help="requests per level and run (at least 4x the concurrency)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, replica and in-process alike")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve.batch_wait_timeout_s x 1000 "
+                    "(default: the config's)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a = ap.parse_args()
+    levels = [int(x) for x in a.concurrency.split(",")]
+    models = [m for m in a.models.split(",") if m]
+    if not set(models) <= {"tiny", "medium"}:
+        raise SystemExit(f"--models: unknown {sorted(set(models) - {'tiny', 'medium'})}; known: tiny, medium")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.pop("RAY_ADDRESS", None)  # never someone else's cluster
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    import torch
+    import transformers
+
+    torch.set_num_threads(a.threads)
+    prompts, source = load_prompts(a.prompts)
+    print(f"{len(prompts)} prompts from {source}", flush=True)
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    clock = CpuClock()
+    started = time.time()
+    before = clock.sample()
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as work:
+        results = [bench_model(kind, a, levels, conversations, Path(work), clock) for kind in models]
+    after = clock.sample()
+    report = {
+        "command": " ".join([".venv/bin/python", "bench/serve_load.py", *sys.argv[1:]]),
+        "when_unix": started, "elapsed_s": time.time() - started,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
+                    "loadavg_end": list(os.getloadavg()),
+                    "foreign_cpu_cores_whole_run": CpuClock.foreign(before, after)},
+        "params": {"max_tokens": a.max_tokens, "greedy": True, "modes": ["json", "stream"], "concurrency": levels,
+                   "requests_per_level": {c: max(a.requests, 4 * c) for c in levels}, "rounds": a.rounds,
+                   "torch_threads": a.threads, "max_batch_size": a.max_batch_size,
+                   "replica_num_cpus": 1, "prompts": len(prompts), "prompt_source": source},
+        "results": results,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print_table(results, levels)
+    print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
