@@ -120,7 +120,9 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
 
     common = [f"data.path={pairs_file}", "train.epochs=6", "train.micro_batch_size=4", "train.checkpoint_every=4",
               "train.lr=1e-3", "data.shuffle=false"]
-    a = run_dpo(_cfg(tmp_path / "a", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero2.json"))
+    # a: pairs packed one per row; b: the config's two padded rows per pair. Same numbers either way.
+    a = run_dpo(_cfg(tmp_path / "a", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero2.json",
+                     "data.packing=true"))
     b = run_dpo(_cfg(tmp_path / "b", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero3.json",
                      "dpo.ref.mode=online", "train.inject_failure_at_step=10", "run.max_failures=1"))
     ma, mb = read_metrics(a.output_dir), read_metrics(b.output_dir)
@@ -133,7 +135,8 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
     last = ma[-6:]
     assert max(m["rewards/accuracies"] for m in last) == 1.0
     assert np.mean([m["rewards/margins"] for m in last]) > np.mean([m["rewards/margins"] for m in ma[1:7]]) + 1.0
-    # Precompute (ZeRO-2) and online reference (ZeRO-3, crashed after step 10, resumed from step 8) agree.
+    # Packed precompute (ZeRO-2) and unpacked online reference (ZeRO-3, crashed after step 10, resumed from
+    # step 8) agree.
     restarts = [json.loads(line) for line in (b.output_dir / "restarts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in restarts] == [8]
     for k in keys:
