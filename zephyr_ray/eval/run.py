@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.config import EngineConfig, EvalRecipe, resolve_path, to_dict
+from zephyr_ray.config import EngineConfig, EvalRecipe, resolve_path
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.eval import mt_bench
@@ -455,13 +455,11 @@ def _judging_totals(judged: list[dict[str, Any]], judge: EngineConfig) -> dict[s
 
 
 def run_eval(cfg: EvalRecipe) -> EvalResult:
+    from zephyr_ray.cluster import ensure_ray, open_run
     from zephyr_ray.eval.report import markdown_report, radar_chart
-    from zephyr_ray.train.launch import ensure_ray
 
     check_recipe(cfg)
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = open_run(cfg)
     prompts_path = resolve_path(cfg.judge.prompts)
     prompts = load_judge_prompts(prompts_path)
     grading = _grading_prompts(prompts, cfg, cfg.judge.prompts) if cfg.mt_bench.enabled else None

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.config import AIFRecipe, JudgeConfig, PromptsConfig, resolve_path, to_dict
+from zephyr_ray.config import AIFRecipe, JudgeConfig, PromptsConfig, resolve_path
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.generation.run import generate, load_prompts
@@ -74,13 +74,11 @@ def load_completions(path: str, prompts: PromptsConfig) -> ray.data.Dataset:
         raise
 
 
-def judge_work(engine: Engine, units: list[dict[str, Any]], *, judge: dict[str, Any], templates: dict[str, str]
+def judge_work(engine: Engine, units: list[dict[str, Any]], *, cfg: JudgeConfig, templates: dict[str, str]
                ) -> list[dict[str, Any]]:
     """Rate each completion on every aspect; the judge sees the whole conversation (``messages``)."""
-    from zephyr_ray.config import from_dict
     from zephyr_ray.feedback.judge import score_batch
 
-    cfg = from_dict(judge, JudgeConfig)
     rows = [{**u, "prompt": u["messages"]} for u in units]
     scored = score_batch(engine, rows, templates=templates, mode=cfg.mode, params=cfg.sampling,
                          max_attempts=cfg.max_attempts, judge=cfg.engine.name)
@@ -95,7 +93,7 @@ def _judge(completions: ray.data.Dataset, judge: JudgeConfig, out: Path) -> pa.T
         raise ValueError(f"judge {engine.name}: mode=expected needs next-token probabilities (transformers or vllm); "
                          "use mode=generate with an OpenAI-compatible endpoint")
     templates = load_templates(resolve_path(judge.templates), judge.aspects)
-    work = partial(judge_work, judge=to_dict(judge), templates=templates)
+    work = partial(judge_work, cfg=judge, templates=templates)
     table = run_pool(completions, engine, work, out / "scores" / engine.name, f"judge [{engine.name}]")
     assert table is not None
     return table
@@ -123,15 +121,13 @@ def _candidates(cfg: AIFRecipe, out: Path, seconds: dict[str, float]) -> ray.dat
 def run_aif(cfg: AIFRecipe) -> AIFResult:
     import ray.data
 
+    from zephyr_ray.cluster import ensure_ray, open_run
     from zephyr_ray.feedback.binarize import binarize, group_by_prompt
     from zephyr_ray.feedback.judge import summarize_judging
-    from zephyr_ray.train.launch import ensure_ray
 
     if not cfg.judges:
         raise ValueError("aif needs at least one judge")
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = open_run(cfg)
     ensure_ray()
     seconds: dict[str, float] = {}  # wall time per model step (a resumed step only counts what it redid)
     scored = _candidates(cfg, out, seconds)

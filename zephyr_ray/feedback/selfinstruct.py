@@ -200,15 +200,13 @@ def run_selfinstruct(cfg: SelfInstructRecipe) -> Path:
     import logging
     from functools import partial
 
-    from zephyr_ray.config import resolve_path, to_dict
+    from zephyr_ray.cluster import ensure_ray, open_run
+    from zephyr_ray.config import resolve_path
     from zephyr_ray.data.io import write_jsonl
     from zephyr_ray.generation.pool import resolve_engine, run_pool
     from zephyr_ray.generation.run import load_prompts
-    from zephyr_ray.train.launch import ensure_ray
 
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = open_run(cfg)
     ensure_ray()
     template = Path(resolve_path(cfg.next_user_template)).read_text(encoding="utf-8")
     engine = resolve_engine(cfg.teacher, out / "models")

@@ -98,15 +98,15 @@ class _EngineActor:
         return pa.table({"units": [len(units)], "rows": [len(outputs)]})
 
 
-def _drop_done(batch: pa.Table, done: set[str]) -> pa.Table:
-    import pyarrow as pa
+def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
     import pyarrow.compute as pc
 
-    return batch.filter(pc.invert(pc.is_in(batch[KEY], pa.array(sorted(done), pa.string()))))
+    return batch.filter(pc.invert(pc.is_in(batch[KEY], done)))
 
 
 def run_pool(units: ray.data.Dataset, engine: EngineConfig, work: Work, out_dir: Path, desc: str) -> pa.Table | None:
     """Apply ``work(engine, units)`` to every unit not yet done in ``out_dir``; all outputs so far."""
+    import pyarrow as pa
     import ray
     from tqdm import tqdm
 
@@ -117,7 +117,7 @@ def run_pool(units: ray.data.Dataset, engine: EngineConfig, work: Work, out_dir:
     units = units.materialize()
     total = units.count()
     if done:
-        units = units.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"done": done}).materialize()
+        units = units.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"done": pa.array(sorted(done), pa.string())}).materialize()
     todo = units.count()
     skipped = total - todo
     log.info("%s: %d units, %d already done in %s", desc, total, skipped, out_dir)

@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.config import EngineConfig, GenerateRecipe, PromptsConfig, resolve_path, to_dict
+from zephyr_ray.config import EngineConfig, GenerateRecipe, PromptsConfig, resolve_path
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.generation import check_params
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
@@ -86,11 +86,9 @@ def generate(prompts: ray.data.Dataset, engine: EngineConfig, params: SamplingPa
 
 
 def run_generate(cfg: GenerateRecipe) -> Path:
-    from zephyr_ray.train.launch import ensure_ray
+    from zephyr_ray.cluster import ensure_ray, open_run
 
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = open_run(cfg)
     ensure_ray()
     table = generate(load_prompts(cfg.prompts), cfg.engine, cfg.sampling, out)
     table = table.sort_by([("prompt_id", "ascending"), ("sample", "ascending")]).drop_columns([KEY])

@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import SFTRecipe, resolve_path, to_dict
 from zephyr_ray.train.loop import StepPlan, extensions_cache
 
 log = logging.getLogger(__name__)
-
-
-def ensure_ray() -> None:
-    """Join the cluster at ``RAY_ADDRESS`` (or the job's), else start a local one. (It keeps the dashboard:
-    Train V2's placement-group cleaner asks the state API whether the controller lives.)"""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def plan_steps(train_rows: int, world: int, cfg: SFTRecipe) -> tuple[StepPlan, int]:
@@ -83,8 +74,7 @@ def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Call
     from zephyr_ray.models import resolve_model_path
     from zephyr_ray.train.metrics import read_metrics
 
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run(cfg)
     log.info("%s run directory: %s", cfg.run.name, out.absolute())
     model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed)
     ensure_ray()
@@ -93,7 +83,6 @@ def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Call
     step_plan, dropped = plan_steps(report.packed_rows, cfg.scaling.num_workers, cfg)
     summary = {**json.loads(report.to_json()), "dropped_by_equal_split": dropped, "total_steps": step_plan.total_steps}
     (out / "data_report.json").write_text(json.dumps(summary, indent=2))
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log.info("data: %s", report.summary())
     if dropped:
         log.warning("%d of %d training rows are left out so that each of %d workers gets the same number",
