@@ -4,13 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Reinstall whenever pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 # DeepSpeed JIT-builds ops on first use (~40 s): keep them in a cache that outlives the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/zephyr-ray/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test bench lint docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) -m zephyr_ray.cli sft --config configs/tiny/sft.yaml run.output_dir=$(RUN)/sft
-	$(PY) -m zephyr_ray.cli chat --model $(RUN)/sft/model "What is 12 + 30?" "Reverse the word 'piano'."
+	$(PY) -m zephyr_ray.cli pipeline --config configs/tiny/pipeline.yaml
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -39,3 +37,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check zephyr_ray jobs bench tests
+
+# Regenerate README.md's config reference from zephyr_ray/config.py.
+docs: install
+	$(PY) -m zephyr_ray.config_reference --write README.md

@@ -111,10 +111,19 @@ OURS_CONFIGS = {
     # ours-2w with each pair packed into one row instead of two padded rows: on CPU the packed row's attention is
     # one (2L)^2 masked block, twice the work of two L^2 rows at long lengths.
     "ours-2w-packed": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}, "overrides": ["data.packing=true"]},
+    # ours-2w grouping by length over the whole 512-pair set, as trl-precompute-grouped's LengthGroupedSampler
+    # does (its mega-batch is 50 x 16 pairs); the shipped config groups within windows of 64 pairs.
+    "ours-2w-window512": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}, "overrides": ["data.pack_window=512"]},
+    # ours-2w with each window's pairs in their shuffled order (no longest-first grouping): what grouping buys.
+    "ours-2w-ungrouped": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {},
+                          "overrides": ["data.group_by_length=false"]},
 }
 TRL_CONFIGS = {
     "trl-ref": {"precompute_ref_log_probs": False},  # a frozen reference model next to the policy, run every step
     "trl-precompute": {"precompute_ref_log_probs": True},  # one reference pass in __init__, no reference model after
+    # trl-precompute with transformers' train_sampling_strategy=group_by_length (LengthGroupedSampler over a
+    # `length` column = the longer side of each pair): the Trainer's answer to padding, off by default.
+    "trl-precompute-grouped": {"precompute_ref_log_probs": True, "group_by_length": True},
 }
 
 
@@ -218,6 +227,10 @@ def trl_trainer_class():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # prompt_ids / chosen_ids / rejected_ids from preference_examples, already cut to length
 
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = [*self._signature_columns, "length"]  # kept for LengthGroupedSampler
+
         def _precompute_ref_logps(self, dataset, name, batch_size):
             t0 = time.time()
             out = super()._precompute_ref_logps(dataset, name, batch_size)
@@ -236,7 +249,11 @@ def side_trl(spec: dict) -> dict:
     from zephyr_ray.models import load_tokenizer
 
     check_snapshot(spec["src"])
-    dataset = Dataset.from_list(read_jsonl(Path(spec["ids_path"])))
+    rows = read_jsonl(Path(spec["ids_path"]))
+    grouped = spec.get("group_by_length", False)
+    if grouped:  # LengthGroupedSampler reads lengths from this column (DPO rows have no input_ids)
+        rows = [{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows]
+    dataset = Dataset.from_list(rows)
     tok = load_tokenizer(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
     args = DPOConfig(
@@ -245,6 +262,7 @@ def side_trl(spec: dict) -> dict:
         padding_free=False,  # TRL 1.16: unavailable for DPO (True warns and falls back to padding)
         precompute_ref_log_probs=spec["precompute_ref_log_probs"],
         precompute_ref_batch_size=spec["ref_batch"],
+        train_sampling_strategy="group_by_length" if grouped else "random",
         beta=BETA,
         loss_type=["sigmoid"],
         per_device_train_batch_size=spec["global_batch"],

@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+from zephyr_ray.train.metrics import numeric_leaves
+
 from .conftest import ROOT, shared_file
+from .wandb_records import read_offline_run
 
 pytestmark = [pytest.mark.ray]
 
@@ -17,7 +20,8 @@ def _aif(out, *extra):
     from zephyr_ray.config import AIFRecipe, load_config
 
     return load_config(ROOT / "configs/tiny/aif.yaml", [
-        f"run.output_dir={out}", f"prompts.limit={PROMPTS}", "sampling.max_new_tokens=8", *extra], AIFRecipe)
+        f"run.output_dir={out}", f"prompts.limit={PROMPTS}", "sampling.max_new_tokens=8", "wandb.enabled=false",
+        *extra], AIFRecipe)
 
 
 def _lines(path):
@@ -33,8 +37,16 @@ def test_aif_pairs_are_exact_deterministic_and_feed_dpo(ray_cluster, tmp_path, t
     from zephyr_ray.data.readers import read_rows
     from zephyr_ray.feedback.aif import run_aif
 
-    first = run_aif(_aif(tmp_path / "a"))
+    first = run_aif(_aif(tmp_path / "a", "wandb.enabled=true", "wandb.mode=offline", "wandb.group=zr-aif"))
     report = first.report
+    # The stage's summary is one offline W&B run: run.name in the group, aif_report.json's numbers as "/" keys.
+    wb = read_offline_run(tmp_path / "a")
+    assert (wb.name, wb.group, wb.project) == ("tiny-aif", "zr-aif", "zephyr-ray") and len(wb.history) == 1
+    assert wb.history[0] == {**numeric_leaves(json.loads((tmp_path / "a" / "aif_report.json").read_text())),
+                             **{k: v for k, v in wb.history[0].items() if k.startswith("_")}}
+    assert wb.summary["binarize/pairs"] == first.pairs and wb.summary["judging/completions"] == PROMPTS * 3
+    assert {"completions_per_model/tiny-a/completions", "seconds/judge/tiny-judge"} <= wb.history_keys
+    assert wb.config["run"]["name"] == "tiny-aif"
     assert report["judging"]["completions"] == PROMPTS * 3
     assert report["judging"]["failed_ratings"] == 0  # expected ratings never fail to parse
     assert {m: s["completions"] for m, s in report["completions_per_model"].items()} == \

@@ -15,8 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from zephyr_ray.eval.judging import TIE, parse_score, parse_verdict
+from zephyr_ray.train.metrics import numeric_leaves
 
 from .conftest import ROOT, SHARED, shared_file
+from .wandb_records import read_offline_run
 
 SAMPLE = ROOT / "data" / "sample" / "mt_bench"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -361,8 +363,8 @@ def _eval_cfg(out, *extra):
     questions, _ = _mt_data()
     return load_config(ROOT / "configs/tiny/eval.yaml", [
         f"run.output_dir={out}", f"mt_bench.questions={questions}", "mt_bench.per_category=1",
-        "mt_bench.sampling.max_new_tokens=8", "judge.sampling.max_new_tokens=8", "judge.max_attempts=2", *extra],
-        EvalRecipe)
+        "mt_bench.sampling.max_new_tokens=8", "judge.sampling.max_new_tokens=8", "judge.max_attempts=2",
+        "wandb.enabled=false", *extra], EvalRecipe)
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +373,8 @@ def tiny_eval(ray_cluster, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval") / "tiny"
     _, judge_prompts = _mt_data()
-    return run_eval(_eval_cfg(out, f"judge.prompts={judge_prompts}", "alpaca_eval.enabled=false"))
+    return run_eval(_eval_cfg(out, f"judge.prompts={judge_prompts}", "alpaca_eval.enabled=false",
+                              "wandb.enabled=true", "wandb.mode=offline", "wandb.group=zr-eval"))
 
 
 @pytest.mark.ray
@@ -420,6 +423,16 @@ def test_mt_bench_end_to_end_with_a_tiny_judge(tiny_eval):
     data = tiny_eval.chart.read_bytes()
     assert tiny_eval.chart.name == "mt_bench_radar.png" and len(data) > 10_000 and min(_png_size(data)) > 400
     assert json.loads((out / "results.json").read_text())["mt_bench"]["models"]["tiny-a"]["parse_failures"] == 16
+    # The stage's summary is one offline W&B run: run.name in the group, results.json's numbers and the chart.
+    wb = read_offline_run(out)
+    assert (wb.name, wb.group, wb.project) == ("tiny-eval", "zr-eval", "zephyr-ray") and len(wb.history) == 1
+    logged = {k: v for k, v in wb.history[0].items() if not k.startswith(("_", "mt_bench/radar/"))}
+    assert logged == numeric_leaves(json.loads((out / "results.json").read_text()))
+    assert {"mt_bench/models/tiny-a/parse_failures", "judging/parse_failures", "wall_s"} <= set(logged)
+    assert wb.summary["mt_bench/models/tiny-b/parse_failures"] == 16 and wb.summary["judging/calls"] == 64
+    image = {k.removeprefix("mt_bench/radar/"): v for k, v in wb.history[0].items() if k.startswith("mt_bench/radar/")}
+    assert image["_type"] == "image-file" and image["format"] == "png" and min(image["width"], image["height"]) > 400
+    assert len(list(out.glob("wandb/offline-run-*/files/media/images/mt_bench/radar_*.png"))) == 1
 
 
 class FakeJudge(ThreadingHTTPServer):

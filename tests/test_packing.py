@@ -19,7 +19,7 @@ def test_best_fit_decreasing():
         best_fit_decreasing([11], 10)
 
 
-def test_collate_pads_as_separate_sequence():
+def test_collate_pads_after_the_last_sequence():
     batch = {
         "input_ids": np.array([[1, 2, 3], [4, 5, 6, 7, 8]], dtype=object),
         "labels": np.array([[-100, 2, 3], [-100, 5, -100, 7, 8]], dtype=object),
@@ -29,7 +29,8 @@ def test_collate_pads_as_separate_sequence():
     out = collate(batch, pad_id=0, pad_to_multiple_of=4)
     assert out["input_ids"].tolist() == [[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 6, 7, 8, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 2, 3] + [-100] * 5, [-100, 5, -100, 7, 8, -100, -100, -100]]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 0, 1, 2]]
+    # Padding continues the last sequence's positions: an unpacked row stays a plain arange.
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 0, 1, 2, 3, 4, 5]]
     # Targets never cross from one packed sequence into the next.
     assert shifted_labels(out["labels"], out["position_ids"]).tolist()[1] == [5, -100, 7, 8, -100, -100, -100]
     assert out["sample_ids"] == [["a"], ["b", "c"]]
@@ -112,3 +113,19 @@ def test_packed_rows_are_shuffled_reproducibly(tokenizer):
     assert [r["sample_ids"] for r in mixed] == [r["sample_ids"] for r in again]
     assert [r["sample_ids"] for r in mixed] != key
     assert [r["sample_ids"] for r in mixed] != [r["sample_ids"] for r in other]
+
+
+def test_unpacked_rows_go_out_longest_first_ties_in_order(tokenizer):
+    from zephyr_ray.config import DataConfig
+    from zephyr_ray.data.packing import longest_first
+    from zephyr_ray.data.samples import sample_dialogues
+    from zephyr_ray.data.sft import sft_examples
+
+    assert longest_first([{"n": 2, "i": 0}, {"n": 5, "i": 1}, {"n": 2, "i": 2}], lambda r: r["n"]) == [
+        {"n": 5, "i": 1}, {"n": 2, "i": 0}, {"n": 2, "i": 2}]
+    raw = [{**d, "_source": "s.jsonl", "_row": i} for i, d in enumerate(sample_dialogues(32, seed=4))]
+    grouped, _ = sft_examples(raw, tokenizer, DataConfig(max_length=256, packing=False))
+    lengths = [len(r["input_ids"]) for r in grouped]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1
+    plain, _ = sft_examples(raw, tokenizer, DataConfig(max_length=256, packing=False, group_by_length=False))
+    assert [r["sample_ids"] for r in plain] == [[f"s.jsonl#{i}"] for i in range(32)]

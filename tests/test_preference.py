@@ -75,3 +75,14 @@ def test_examples_count_skips_and_truncation(tokenizer):
         preference_examples(_raw([long]), tokenizer, DataConfig(max_length=32, overlong="error"), 16)
     with pytest.raises(ValueError, match="no room"):
         preference_examples(_raw([good]), tokenizer, DataConfig(max_length=32), 32)
+
+
+def test_unpacked_pairs_go_out_longest_first_unless_disabled(tokenizer):
+    rows = [{"prompt": "q", "chosen": [U, _a("a " * n)], "rejected": [U, _a("b")]} for n in (3, 9, 1, 6)]
+    grouped, _ = preference_examples(_raw(rows), tokenizer, DataConfig(packing=False, max_length=64), 16)
+    assert [r["sample_ids"] for r in grouped] == [["p.jsonl#2"], ["p.jsonl#4"], ["p.jsonl#1"], ["p.jsonl#3"]]
+    longest = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in grouped]
+    assert longest == sorted(longest, reverse=True)
+    plain, _ = preference_examples(_raw(rows), tokenizer, DataConfig(packing=False, group_by_length=False,
+                                                                     max_length=64), 16)
+    assert [r["sample_ids"][0][-1] for r in plain] == ["1", "2", "3", "4"]

@@ -14,6 +14,7 @@ from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
 from zephyr_ray.train.metrics import read_metrics
 
 from .conftest import ROOT, shared_file
+from .wandb_records import read_offline_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,7 +51,8 @@ def _unigram_entropy(tokenizer, dialogues) -> float:
 def test_zero2_overfits_eight_dialogues_and_exports(ray_cluster, tiny_model, tokenizer, tmp_path):
     dialogues = sample_dialogues(8, seed=11)
     data = write_jsonl(dialogues * 40, tmp_path / "eight.jsonl")
-    cfg = _cfg(tmp_path / "run", tiny_model, f"data.path={data}", "data.packing=false", "train.epochs=1",
+    cfg = _cfg(tmp_path / "run", tiny_model, f"data.path={data}", "data.packing=false", "data.group_by_length=false",
+               "train.epochs=1",
                "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.lr=3e-3",
                "train.lr_scheduler=constant", "train.warmup_ratio=0.05", "deepspeed.config=configs/deepspeed/zero2.json")
     result = _run(cfg)
@@ -108,7 +110,12 @@ def test_zero3_resume_after_failure_matches_uninterrupted_run(ray_cluster, tiny_
     dropped = report["dropped_by_equal_split"]
     assert set(per_epoch.values()) == {2}, "every trained sample is seen once per epoch, none twice"
     assert len(per_epoch) >= 256 - 20 * dropped
-    assert list((clean.output_dir / "wandb").glob("offline-run-*"))
+    wb = read_offline_run(clean.output_dir)  # rank 0's W&B run: the same steps as metrics.jsonl
+    assert (wb.name, wb.group, wb.project) == ("tiny-sft", "tiny", "zephyr-ray")
+    assert {"loss", "lr", "step"} <= wb.history_keys
+    assert [h["step"] for h in wb.history] == [m["step"] for m in a]
+    assert [h["loss"] for h in wb.history] == pytest.approx([m["loss"] for m in a])
+    assert [h["lr"] for h in wb.history] == pytest.approx([m["lr"] for m in a])
     assert _generate(crashed.model_dir, [{"role": "user", "content": "What is 2 + 3?"}], 8) is not None
 
 

@@ -100,6 +100,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from zephyr_ray.config import PipelineRecipe
+    from zephyr_ray.pipeline import run_pipeline
+
+    if (args.config is None) == (args.resume is None):
+        raise ConfigError("pipeline needs exactly one of --config FILE and --resume runs/<id>")
+    if args.resume and args.overrides:
+        raise ConfigError("--resume continues a run with the config it started with; overrides are not allowed")
+    cfg = load_config(args.config, args.overrides, PipelineRecipe) if args.config else None
+    run_pipeline(cfg, resume=args.resume, echo=lambda msg: print(msg, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zephyr-ray", description="The Zephyr alignment recipe on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("prompts", nargs="+")
     chat.set_defaults(func=_chat)
+    pipe = sub.add_parser("pipeline", help="the whole recipe: dSFT -> AIF -> dDPO -> eval (-> serve) in runs/<timestamp>/")
+    pipe.add_argument("--config", help="pipeline recipe YAML, e.g. configs/tiny/pipeline.yaml")
+    pipe.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<id> from its first unfinished stage")
+    pipe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.train.epochs=2")
+    pipe.set_defaults(func=_pipeline)
     srv = sub.add_parser("serve", help="OpenAI-compatible chat endpoint on Ray Serve (until Ctrl-C)")
     srv.add_argument("--config", required=True, help="serve recipe YAML, e.g. configs/tiny/serve.yaml")
     srv.add_argument("--detach", action="store_true",

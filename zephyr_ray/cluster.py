@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,29 @@ from zephyr_ray.config import to_dict
 
 
 def ensure_ray() -> None:
-    """Join the cluster at ``RAY_ADDRESS`` (or the job's), else start a local one. (It keeps the dashboard:
-    Train V2's placement-group cleaner asks the state API whether the controller lives.)"""
+    """Join the cluster at ``RAY_ADDRESS`` (set for a Ray job's driver), else start a fresh local one; never a
+    cluster someone else started on this machine by accident (Ray's default would join the last ``ray start``).
+
+    A local cluster keeps its dashboard on a port chosen here, and its processes are told that address:
+    Train V2's placement-group cleaner asks the state API whether the controller lives, and with another
+    Ray instance on the machine it could not tell which dashboard to ask."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet and its workers
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def open_run(cfg: Any) -> Path:

@@ -47,6 +47,9 @@ class DataConfig:
     packing: bool = True
     # Sequences packed together per Ray Data batch (best-fit decreasing within the window).
     pack_window: int = 512
+    # Without packing: each window's rows go out longest first, so a micro-batch holds rows of similar
+    # length and pads little (transformers' group_by_length, with the window as its mega-batch).
+    group_by_length: bool = True
     shuffle: bool = True
     seed: int = 0
     on_bad_row: str = choice("error", "skip")
@@ -248,6 +251,8 @@ class AIFRecipe:
     # Picks the random `rejected` (reproducible per prompt_id).
     seed: int = 0
     run: RunConfig = field(default_factory=lambda: RunConfig(name="aif", output_dir="runs/aif"))
+    # The stage's summary (aif_report.json) as one W&B run named run.name in group wandb.group.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -335,6 +340,8 @@ class EvalRecipe:
     mt_bench: MTBenchConfig = field(default_factory=MTBenchConfig)
     alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="eval", output_dir="runs/eval"))
+    # The stage's summary (results.json, radar chart) as one W&B run named run.name in group wandb.group.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -412,9 +419,42 @@ class ServeRecipe:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="serve", output_dir="runs/serve"))
 
 
+PIPELINE_STAGES = ("sft", "aif", "dpo", "eval", "serve")
+
+
+@dataclass
+class PipelineConfig:
+    # Each run gets <runs_dir>/<timestamp>/ (shared storage on a multi-node cluster).
+    runs_dir: str = "runs"
+    # The dSFT model joins the AIF candidates (engine settings copied from the first candidate).
+    sft_as_candidate: bool = True
+    # Deploy the dDPO model on Ray Serve at the end: on a local cluster it serves until Ctrl-C; on a running
+    # cluster (RAY_ADDRESS set, e.g. under `ray job submit`) the app stays up after the pipeline exits.
+    serve: bool = False
+
+
+@dataclass
+class PipelineRecipe:
+    """dSFT -> AIF -> dDPO -> eval (-> serve). Each stage section is that stage's recipe; the pipeline sets
+    the paths that chain them (dSFT model -> AIF candidate, dDPO init and reference, eval model; AIF pairs ->
+    dDPO data; dDPO model -> eval, serve), the run folders and the W&B group."""
+
+    # Stage recipe files merged under each section first (the section's own keys override them), e.g.
+    # {sft: configs/tiny/sft.yaml}. Read at load time from the YAML only (not from key=value overrides).
+    recipes: dict[str, str] = field(default_factory=dict)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sft: SFTRecipe = field(default_factory=SFTRecipe)
+    aif: AIFRecipe = field(default_factory=AIFRecipe)
+    dpo: DPORecipe = field(default_factory=DPORecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+    serve: ServeRecipe = field(default_factory=ServeRecipe)
+    # Every stage logs to this project under one group per pipeline run (the run id), one W&B run per stage.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe, "generate": GenerateRecipe, "aif": AIFRecipe,
                             "selfinstruct": SelfInstructRecipe, "eval": EvalRecipe,
-                            "serve": ServeRecipe}
+                            "serve": ServeRecipe, "pipeline": PipelineRecipe}
 
 
 def _unknown_key(exc: Exception, schema: type) -> str:
@@ -453,7 +493,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source = str(path) if path else "<defaults>"
     try:
         if path is not None:
-            base = OmegaConf.merge(base, OmegaConf.load(path))
+            data = OmegaConf.load(path)
+            for section, recipe in (data.get("recipes") or {}).items():
+                if section not in PIPELINE_STAGES or not hasattr(schema, "__dataclass_fields__") \
+                        or section not in schema.__dataclass_fields__:
+                    raise ConfigError(f"{path}: recipes.{section}: not a stage section of {schema.__name__}")
+                source = f"{recipe} (recipes.{section} of {path})"
+                if not Path(resolve_path(recipe)).is_file():
+                    raise ConfigError(f"{path}: recipes.{section}: no such file {recipe!r}")
+                base = OmegaConf.merge(base, {section: OmegaConf.load(resolve_path(recipe))})
+            source = str(path)
+            base = OmegaConf.merge(base, data)
         source = "command line"
         for item in overrides:
             if "=" not in item:

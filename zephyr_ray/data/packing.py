@@ -35,6 +35,12 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def longest_first(rows: list[dict[str, Any]], length: Any) -> list[dict[str, Any]]:
+    """``rows`` by ``length(row)`` descending, ties in their given order: consecutive micro-batches then
+    hold rows of similar length (little padding), and the longest come first (memory problems show early)."""
+    return sorted(rows, key=lambda r: -length(r))
+
+
 def pack_sequences(seqs: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
     """Concatenate each bin's sequences; ``sample_ids`` lists what went into each row."""
     rows = []
@@ -51,8 +57,10 @@ def pack_sequences(seqs: Sequence[dict[str, Any]], max_length: int) -> list[dict
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, Any]:
-    """Right-pad ragged rows into tensors. Padding forms its own position run (0, 1, ...), so it is a
-    separate "sequence" that real tokens never attend to; its labels are ignored."""
+    """Right-pad ragged rows into tensors. Padding continues the last sequence's positions: causal
+    attention keeps real tokens from seeing it, its labels are ignored, and a batch of unpacked rows
+    keeps plain ``arange`` positions, so transformers takes its causal fast path (SDPA ``is_causal``)
+    instead of building a block mask for "packed" rows."""
     import torch
 
     rows = batch["input_ids"]
@@ -67,7 +75,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, pad_to_multiple_of: int =
         input_ids[r, :k] = rows[r]
         labels[r, :k] = batch["labels"][r]
         position_ids[r, :k] = batch["position_ids"][r]
-        position_ids[r, k:] = np.arange(width - k)
+        start = position_ids[r, k - 1] + 1 if k else 0
+        position_ids[r, k:] = np.arange(start, start + width - k)
     out = {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.config import DataConfig
+from zephyr_ray.data.packing import longest_first
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem, validate_messages
 
@@ -88,6 +89,8 @@ def preference_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataCon
         report.tokens += 2 * len(cut["prompt_ids"]) + len(cut["chosen_ids"]) + len(cut["rejected_ids"])
         report.label_tokens += len(cut["chosen_ids"]) + len(cut["rejected_ids"])
         out.append({**cut, "sample_ids": [f"{ref.source}#{ref.row}"]})
+    if not cfg.packing and cfg.group_by_length:  # a pair is two rows of prompt + answer
+        out = longest_first(out, lambda r: len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])))
     report.packed_rows = len(out)
     return out, report
 

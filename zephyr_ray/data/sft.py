@@ -6,7 +6,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.config import DataConfig
-from zephyr_ray.data.packing import pack_sequences
+from zephyr_ray.data.packing import longest_first, pack_sequences
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem, validate_messages
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
@@ -52,6 +52,8 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) ->
     else:
         out = [{"input_ids": s["input_ids"], "labels": s["labels"], "position_ids": list(range(len(s["input_ids"]))),
                 "sample_ids": [s["sample_id"]]} for s in seqs]
+        if cfg.group_by_length:
+            out = longest_first(out, lambda r: len(r["input_ids"]))
     report.packed_rows = len(out)
     return out, report
 

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.config import EngineConfig, EvalRecipe, resolve_path
+from zephyr_ray.config import EngineConfig, EvalRecipe, resolve_path, to_dict
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.eval import mt_bench
@@ -457,6 +457,7 @@ def _judging_totals(judged: list[dict[str, Any]], judge: EngineConfig) -> dict[s
 def run_eval(cfg: EvalRecipe) -> EvalResult:
     from zephyr_ray.cluster import ensure_ray, open_run
     from zephyr_ray.eval.report import markdown_report, radar_chart
+    from zephyr_ray.train.metrics import log_summary_run
 
     check_recipe(cfg)
     out = open_run(cfg)
@@ -502,4 +503,5 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
     report = out / "report.md"
     report.write_text(markdown_report(results, CHART if chart else None))
     log.info("evaluation:\n%s", report.read_text())
+    log_summary_run(cfg.wandb, cfg.run.name, out, results, config=to_dict(cfg), images={"mt_bench/radar": chart})
     return EvalResult(out, results, report, chart)

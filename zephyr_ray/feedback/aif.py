@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.config import AIFRecipe, JudgeConfig, PromptsConfig, resolve_path
+from zephyr_ray.config import AIFRecipe, JudgeConfig, PromptsConfig, resolve_path, to_dict
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.generation.run import generate, load_prompts
@@ -124,6 +124,7 @@ def run_aif(cfg: AIFRecipe) -> AIFResult:
     from zephyr_ray.cluster import ensure_ray, open_run
     from zephyr_ray.feedback.binarize import binarize, group_by_prompt
     from zephyr_ray.feedback.judge import summarize_judging
+    from zephyr_ray.train.metrics import log_summary_run
 
     if not cfg.judges:
         raise ValueError("aif needs at least one judge")
@@ -145,6 +146,7 @@ def run_aif(cfg: AIFRecipe) -> AIFResult:
     path = out / "pairs.jsonl"
     write_jsonl(pairs, path)
     log.info("AI feedback:\n%s\njudging: %s\npairs: %s", binarized.summary(), report["judging"], path.absolute())
+    log_summary_run(cfg.wandb, cfg.run.name, out, report, config=to_dict(cfg))
     skipped = sum(binarized.skipped.values())
     return AIFResult(path, len(pairs), skipped, report)
 

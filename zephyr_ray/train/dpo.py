@@ -20,6 +20,7 @@ import torch
 from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
+from zephyr_ray.train.curves import DPO_PANELS
 from zephyr_ray.train.launch import StageResult, run_stage
 from zephyr_ray.train.losses import label_logits, preference_loss, sequence_logps
 
@@ -202,4 +203,5 @@ def run_dpo(cfg: DPORecipe) -> StageResult:
 
     examples = functools.partial(preference_examples, max_prompt_length=cfg.dpo.max_prompt_length)
     prepare = functools.partial(precompute_reference, cfg=cfg) if cfg.dpo.ref.mode == "precompute" else None
-    return run_stage(cfg, examples=examples, schema=preference_schema(), train_fn=dpo_train_loop, prepare=prepare)
+    return run_stage(cfg, examples=examples, schema=preference_schema(), train_fn=dpo_train_loop, curves=DPO_PANELS,
+                     prepare=prepare)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,12 +66,14 @@ class StageResult:
 
 
 def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
-              prepare: Callable[[Any, str, Path], Any] | None = None) -> StageResult:
+              curves: Sequence[Sequence[str]], prepare: Callable[[Any, str, Path], Any] | None = None) -> StageResult:
     """A training stage end to end: resolve the model, plan the data on the cluster (validating every
-    row), optionally ``prepare`` the stream (e.g. add reference log-probs), train, export."""
+    row), optionally ``prepare`` the stream (e.g. add reference log-probs), train, export, plot ``curves``
+    (panels of metric keys) to ``curves.png``."""
     from zephyr_ray.data.pipeline import plan, stage_dataset
     from zephyr_ray.data.readers import read_rows
     from zephyr_ray.models import resolve_model_path
+    from zephyr_ray.train.curves import plot_curves
     from zephyr_ray.train.metrics import read_metrics
 
     out = open_run(cfg)
@@ -93,5 +95,6 @@ def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Call
     log.info("training %d steps on %d workers", step_plan.total_steps, cfg.scaling.num_workers)
     fit(train_fn, cfg, dataset, model_path, step_plan)
     metrics = read_metrics(out)
+    plot_curves(metrics, curves, out / "curves.png", title=f"{cfg.run.name}: training curves")
     log.info("%s done: model in %s", cfg.run.name, (out / "model").absolute())
     return StageResult(out, out / "model", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})

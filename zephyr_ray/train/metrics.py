@@ -1,4 +1,5 @@
-"""Rank-0 metric sinks: ``metrics.jsonl`` in the run directory and W&B (offline unless a key is set)."""
+"""Rank-0 metric sinks: ``metrics.jsonl`` in the run directory and W&B (offline unless a key is set); and the
+one-shot W&B run of a driver-side stage's summary (AIF, eval)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,42 @@ def wandb_mode(cfg: WandbConfig) -> str:
     if cfg.mode != "auto":
         return cfg.mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The int/float leaves of nested dicts and lists, keyed by their "/"-joined path (list items by index);
+    strings, None and bools are left out."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree} if isinstance(tree, int | float) and not isinstance(tree, bool) and prefix else {}
+    flat: dict[str, float] = {}
+    for key, value in items:
+        flat.update(numeric_leaves(value, f"{prefix}/{key}" if prefix else str(key)))
+    return flat
+
+
+def log_summary_run(wandb_cfg: WandbConfig, run_name: str, out_dir: str | Path, summary: dict[str, Any],
+                    config: dict[str, Any] | None = None, images: dict[str, Path | None] | None = None) -> bool:
+    """One W&B run (``run_name`` in ``wandb_cfg.group``, files under ``out_dir/wandb``) holding a stage's
+    summary: the numeric leaves of ``summary`` (``numeric_leaves``) and ``images`` (PNG paths), logged once
+    from the driver. False when W&B is off."""
+    if not wandb_cfg.enabled or wandb_mode(wandb_cfg) == "disabled":
+        return False
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, name=run_name, dir=str(out_dir),
+                     mode=wandb_mode(wandb_cfg), config=config, reinit="create_new")
+    try:
+        metrics: dict[str, Any] = numeric_leaves(summary)
+        metrics.update({key: wandb.Image(str(path)) for key, path in (images or {}).items()
+                        if path is not None and Path(path).exists()})
+        run.log(metrics)
+    finally:
+        run.finish()
+    return True
 
 
 class MetricsLogger:

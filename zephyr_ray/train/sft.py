@@ -9,6 +9,7 @@ import torch
 
 from zephyr_ray.config import SFTRecipe
 from zephyr_ray.data.packing import collate
+from zephyr_ray.train.curves import SFT_PANELS
 from zephyr_ray.train.launch import StageResult, run_stage
 from zephyr_ray.train.losses import label_logits, shifted_labels, token_nll_sum
 
@@ -41,4 +42,4 @@ def sft_train_loop(config: dict[str, Any]) -> None:
 def run_sft(cfg: SFTRecipe) -> StageResult:
     from zephyr_ray.data.sft import sft_examples, sft_schema
 
-    return run_stage(cfg, examples=sft_examples, schema=sft_schema(), train_fn=sft_train_loop)
+    return run_stage(cfg, examples=sft_examples, schema=sft_schema(), train_fn=sft_train_loop, curves=SFT_PANELS)

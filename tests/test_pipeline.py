@@ -1,0 +1,169 @@
+"""The pipeline: chaining configs (pure), the run folder and manifest, and the tiny recipe end to end with an
+interrupted stage resumed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zephyr_ray import pipeline
+from zephyr_ray.config import ConfigError, PipelineRecipe, load_config
+
+from .conftest import ROOT
+
+TINY = ROOT / "configs" / "tiny" / "pipeline.yaml"
+
+
+def _tiny(*overrides: str) -> PipelineRecipe:
+    return load_config(TINY, list(overrides), PipelineRecipe)
+
+
+def test_stage_recipes_merge_under_sections_and_the_pipeline_file_wins():
+    cfg = _tiny("dpo.dpo.beta=0.25")
+    assert cfg.sft.data.path == "data/sample/sft.jsonl"  # from configs/tiny/sft.yaml
+    assert cfg.sft.train.lr == 2.0e-3 and cfg.sft.train.epochs == 4  # sft.yaml says 8; pipeline.yaml says 4
+    assert [c.name for c in cfg.aif.candidates] == ["tiny-a", "tiny-b", "tiny-c"]
+    assert cfg.dpo.dpo.beta == 0.25 and cfg.dpo.data.packing is False
+
+
+def test_recipes_must_name_stage_sections_and_existing_files(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("recipes: {training: configs/tiny/sft.yaml}\n")
+    with pytest.raises(ConfigError, match="recipes.training: not a stage section"):
+        load_config(bad, [], PipelineRecipe)
+    bad.write_text("recipes: {sft: configs/tiny/nope.yaml}\n")
+    with pytest.raises(ConfigError, match="recipes.sft: no such file 'configs/tiny/nope.yaml'"):
+        load_config(bad, [], PipelineRecipe)
+    bad.write_text("recipes: {sft: configs/tiny/sft.yaml}\nsft: {train: {epoch: 2}}\n")
+    with pytest.raises(ConfigError, match="unknown key 'sft.train.epoch'"):
+        load_config(bad, [], PipelineRecipe)
+
+
+def test_stages_are_chained_through_the_earlier_artifacts(tmp_path):
+    cfg = _tiny("wandb.project=zp")
+    run = tmp_path / "20260101-000000"
+    sft = pipeline.sft_config(cfg, run)
+    assert sft.run.output_dir == str(run / "sft") and sft.wandb.group == run.name and sft.wandb.project == "zp"
+    aif = pipeline.aif_config(cfg, run, "/m/sft")
+    dsft = aif.candidates[-1]
+    assert [c.name for c in aif.candidates] == ["tiny-a", "tiny-b", "tiny-c", "dsft"]
+    assert dsft.path == "/m/sft" and dsft.batch_size == cfg.aif.candidates[0].batch_size
+    assert aif.run.output_dir == str(run / "aif")
+    dpo = pipeline.dpo_config(cfg, run, "/m/sft", "/p/pairs.jsonl")
+    # Policy init is the dSFT model, and so is the reference (ref.path unset means the policy's start).
+    assert dpo.model.path == "/m/sft" and dpo.dpo.ref.path is None and dpo.data.path == "/p/pairs.jsonl"
+    assert dpo.wandb.group == run.name and dpo.run.output_dir == str(run / "dpo")
+    ev = pipeline.eval_config(cfg, run, "/m/sft", "/m/dpo")
+    assert [(m.name, m.path) for m in ev.models] == [("dsft", "/m/sft"), ("ddpo", "/m/dpo")]
+    assert ev.models[0].threads_per_actor == cfg.eval.models[0].threads_per_actor
+    assert pipeline.serve_config(cfg, run, "/m/dpo").engine.path == "/m/dpo"
+    # Without the dSFT candidate the configured ones stay as they are.
+    assert len(pipeline.aif_config(_tiny("pipeline.sft_as_candidate=false"), run, "/m").candidates) == 3
+
+
+def test_pipeline_config_problems_fail_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="'dsft' is taken"):
+        pipeline.aif_config(_tiny("aif.candidates.1.name=dsft"), tmp_path, "/m")
+    with pytest.raises(ConfigError, match="aif.completions"):
+        pipeline.check_pipeline(_tiny("aif.completions=x.jsonl"))
+    with pytest.raises(ConfigError, match="judge.max_attempts"):
+        pipeline.check_pipeline(_tiny("eval.judge.max_attempts=0"))
+
+
+def test_run_dirs_are_fresh_and_the_manifest_round_trips(tmp_path):
+    first, second = pipeline.new_run_dir(tmp_path), pipeline.new_run_dir(tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()
+    m = pipeline.Manifest.create(first, _tiny())
+    loaded = pipeline.Manifest.load(first)
+    assert loaded.data == m.data and list(loaded.data["stages"]) == ["sft", "aif", "dpo", "eval"]
+    assert loaded.data["versions"]["ray"] and loaded.data["versions"]["torch"]
+    assert loaded.data["git"]["commit"] is None or len(loaded.data["git"]["commit"]) == 40
+    assert list(pipeline.Manifest.create(second, _tiny("pipeline.serve=true")).data["stages"])[-1] == "serve"
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        pipeline.Manifest.load(tmp_path / "nothing")
+
+
+def test_summary_table_prints_every_number_and_marks_missing_ones():
+    summary = {"run_id": "r1", "run_dir": "/runs/r1", "seconds": {"sft": 61.2, "aif": None},
+               "sft": {"steps": 40, "loss": 1.23456},
+               "dpo": {"step": 8, "loss": 0.5, "rewards/accuracies": 0.75, "rewards/margins": 0.125},
+               "eval": {"mt_bench": {"dsft": {"overall": 5.0, "writing": 6.5, "math": None, "parse_failures": 1},
+                                     "ddpo": {"overall": 6.25, "writing": 7.0, "math": 4.0, "parse_failures": 0}},
+                        "categories": ["writing", "math"], "reference": "ref",
+                        "win_rate": {"dsft": {"win_rate": 0.4}, "ddpo": {"win_rate": 0.625}}, "judge": "j"}}
+    table = pipeline.summary_table(summary)
+    assert "sft 61 s, aif n/a s" in table
+    assert "final loss 1.235 after 40 steps" in table
+    assert "reward accuracy 0.750, margin 0.125 at step 8" in table
+    lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[4:]}
+    assert lines["overall"] == ["5.00", "6.25"] and lines["math"] == ["n/a", "4.00"]
+    assert table.splitlines()[-1].split()[-2:] == ["40.0%", "62.5%"]
+
+
+def test_cli_needs_exactly_one_of_config_and_resume(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "pipeline", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    both = run("--config", str(TINY), "--resume", str(tmp_path))
+    assert both.returncode == 2 and "exactly one of --config" in both.stderr
+    over = run("--resume", str(tmp_path), "sft.train.epochs=1")
+    assert over.returncode == 2 and "overrides are not allowed" in over.stderr
+    missing = run("--resume", str(tmp_path))
+    assert missing.returncode == 2 and "no manifest.json" in missing.stderr
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+SMALL = ["sft.train.epochs=1", "sft.train.max_steps=6", "aif.prompts.limit=8", "aif.sampling.max_new_tokens=12",
+         "dpo.train.epochs=1", "dpo.train.max_steps=2", "eval.mt_bench.per_category=1",
+         "eval.mt_bench.sampling.max_new_tokens=8", "eval.alpaca_eval.limit=4",
+         "eval.alpaca_eval.sampling.max_new_tokens=8", "eval.judge.sampling.max_new_tokens=8",
+         "eval.judge.max_attempts=1", "wandb.mode=offline"]
+
+
+def test_tiny_pipeline_end_to_end_with_an_interrupted_stage_resumed(ray_cluster, tmp_path, monkeypatch):
+    cfg = _tiny(f"pipeline.runs_dir={tmp_path}", *SMALL)
+    said: list[str] = []
+    real_dpo = pipeline.RUNNERS["dpo"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C (or a lost driver) during dDPO
+    monkeypatch.setitem(pipeline.RUNNERS, "dpo", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, echo=said.append)
+    run_dir = next(tmp_path.iterdir())
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert [m["stages"][s]["status"] for s in ("sft", "aif", "dpo", "eval")] == ["done", "done", "failed", "pending"]
+    assert f"zephyr-ray pipeline --resume {run_dir}" in said[-1]
+    sft_model = Path(m["stages"]["sft"]["artifacts"]["model"])
+    sft_written = (sft_model / "config.json").stat().st_mtime_ns
+    # The dSFT model answered with the candidates, and its pairs are what dDPO will read.
+    pairs = [json.loads(line) for line in Path(m["stages"]["aif"]["artifacts"]["pairs"]).read_text().splitlines()]
+    assert len(pairs) == m["stages"]["aif"]["artifacts"]["count"] > 0
+    assert {r["chosen_model"] for r in pairs} | {r["rejected_model"] for r in pairs} <= {"tiny-a", "tiny-b", "tiny-c", "dsft"}
+    assert list((run_dir / "aif" / "completions" / "dsft").glob("part-*.parquet"))
+
+    monkeypatch.setitem(pipeline.RUNNERS, "dpo", real_dpo)
+    said.clear()
+    result = pipeline.run_pipeline(resume=run_dir, echo=said.append)
+    assert "[1/4] dSFT: done in an earlier attempt" in said[1] and "[2/4] AI feedback: done" in said[2]
+    assert (sft_model / "config.json").stat().st_mtime_ns == sft_written  # not redone
+    m = result.manifest
+    assert all(m["stages"][s]["status"] == "done" for s in ("sft", "aif", "dpo", "eval"))
+    assert m["stages"]["dpo"]["attempts"] == 2 and m["stages"]["sft"]["attempts"] == 1 and m["resumed"]
+    assert m["versions"]["deepspeed"] and m["config"]["sft"]["train"]["max_steps"] == 6
+    # dDPO started from the dSFT model, which was also its reference, and trained on the AIF pairs.
+    dpo_cfg = json.loads((run_dir / "dpo" / "config.json").read_text())
+    assert dpo_cfg["model"]["path"] == str(sft_model) and dpo_cfg["dpo"]["ref"]["path"] is None
+    assert dpo_cfg["data"]["path"] == m["stages"]["aif"]["artifacts"]["pairs"]
+    for png in ("sft/curves.png", "dpo/curves.png", "eval/mt_bench_radar.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG", png
+    summary = json.loads((run_dir / "summary.json").read_text())
+    dpo_steps = json.loads((run_dir / "dpo" / "data_report.json").read_text())["total_steps"]
+    assert summary == result.summary and summary["sft"]["steps"] == 6 and summary["dpo"]["step"] == dpo_steps >= 1
+    assert set(summary["eval"]["mt_bench"]) == {"dsft", "ddpo"} and set(summary["eval"]["win_rate"]) == {"dsft", "ddpo"}
+    assert summary["dpo"]["rewards/accuracies"] is not None
+    table = "\n".join(said)
+    assert "MT-Bench" in table and "win rate vs tiny-reference" in table and str(run_dir) in said[-1]

@@ -1,0 +1,389 @@
+"""The whole recipe in one driver: dSFT -> AIF -> dDPO -> eval (-> serve) in one run folder, resumable.
+
+Each stage is the same code as its standalone command; the pipeline only chains artifacts (paths), gives
+every stage its subfolder and the W&B group, and records progress in ``manifest.json`` after every change,
+so ``--resume`` restarts at the first unfinished stage (which itself resumes from its checkpoints/parts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from zephyr_ray.config import (
+    PROJECT_ROOT,
+    AIFRecipe,
+    ConfigError,
+    DPORecipe,
+    EngineConfig,
+    EvalRecipe,
+    PipelineRecipe,
+    ServeRecipe,
+    SFTRecipe,
+    from_dict,
+    to_dict,
+)
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+TRAINING = ("sft", "aif", "dpo", "eval")
+PACKAGES = ("zephyr-ray", "ray", "torch", "deepspeed", "transformers", "vllm", "wandb", "omegaconf", "numpy",
+            "pyarrow")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage configs: the chaining, as pure functions of the pipeline config and the earlier artifacts
+# ---------------------------------------------------------------------------------------------------
+
+def _placed(recipe: Any, cfg: PipelineRecipe, run_dir: Path, stage: str) -> Any:
+    """``recipe`` writing to ``run_dir/stage`` and logging to W&B under the pipeline run's group."""
+    recipe = replace(recipe, run=replace(recipe.run, output_dir=str(run_dir / stage)))
+    if hasattr(recipe, "wandb"):
+        recipe = replace(recipe, wandb=replace(cfg.wandb, group=cfg.wandb.group or run_dir.name))
+    return recipe
+
+
+def sft_config(cfg: PipelineRecipe, run_dir: Path) -> SFTRecipe:
+    return _placed(cfg.sft, cfg, run_dir, "sft")
+
+
+def sft_engine(template: EngineConfig, sft_model: str, name: str) -> EngineConfig:
+    """A trained model as an engine: ``template``'s backend and resources, the trained weights."""
+    return replace(template, name=name, path=sft_model, revision=None)
+
+
+def aif_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str) -> AIFRecipe:
+    aif = cfg.aif
+    if cfg.pipeline.sft_as_candidate:
+        if any(c.name == "dsft" for c in aif.candidates):
+            raise ConfigError("aif.candidates: the name 'dsft' is taken by the pipeline's dSFT candidate")
+        aif = replace(aif, candidates=[*aif.candidates, sft_engine(aif.candidates[0], sft_model, "dsft")])
+    return _placed(aif, cfg, run_dir, "aif")
+
+
+def dpo_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, pairs: str) -> DPORecipe:
+    """Policy init = the dSFT model; the reference is too unless ``dpo.dpo.ref.path`` names another."""
+    dpo = replace(cfg.dpo, model=replace(cfg.dpo.model, path=sft_model), data=replace(cfg.dpo.data, path=pairs))
+    return _placed(dpo, cfg, run_dir, "dpo")
+
+
+def eval_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, dpo_model: str) -> EvalRecipe:
+    """dSFT and dDPO side by side, on ``eval.models[0]``'s backend and resources."""
+    template = cfg.eval.models[0]
+    models = [sft_engine(template, sft_model, "dsft"), sft_engine(template, dpo_model, "ddpo")]
+    return _placed(replace(cfg.eval, models=models), cfg, run_dir, "eval")
+
+
+def serve_config(cfg: PipelineRecipe, run_dir: Path, dpo_model: str) -> ServeRecipe:
+    return _placed(replace(cfg.serve, engine=replace(cfg.serve.engine, path=dpo_model)), cfg, run_dir, "serve")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run folder and its manifest
+# ---------------------------------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """Commit and whether the checkout has uncommitted changes; None outside a git checkout (e.g. a Ray job's
+    uploaded working dir)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def create(cls, run_dir: Path, cfg: PipelineRecipe) -> Manifest:
+        stages = [*TRAINING, *(["serve"] if cfg.pipeline.serve else [])]
+        data = {"run_id": run_dir.name, "run_dir": str(run_dir.absolute()), "created": _now(), "argv": sys.argv,
+                "config": to_dict(cfg), "versions": package_versions(), "git": git_state(),
+                "host": platform.node(), "ray_address": os.environ.get("RAY_ADDRESS"), "resumed": [],
+                "stages": {s: {"status": "pending"} for s in stages}}
+        manifest = cls(run_dir / MANIFEST, data)
+        manifest.save()
+        return manifest
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Manifest:
+        path = run_dir / MANIFEST
+        if not path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no {MANIFEST} there (not a pipeline run folder)")
+        return cls(path, json.loads(path.read_text()))
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, ensure_ascii=False))
+        tmp.replace(self.path)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"][name]
+
+    def artifact(self, stage: str, key: str) -> str:
+        return self.stage(stage)["artifacts"][key]
+
+
+def new_run_dir(runs_dir: str | Path) -> Path:
+    """``runs_dir/<UTC timestamp>``, with a suffix when two runs start within the same second."""
+    base = Path(runs_dir) / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base, 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------
+
+def _last(metrics_file: Path) -> dict[str, Any]:
+    from zephyr_ray.train.metrics import read_metrics
+
+    rows = read_metrics(metrics_file.parent)
+    return rows[-1] if rows else {}
+
+
+def _stage_sft(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
+    from zephyr_ray.train.sft import run_sft
+
+    r = run_sft(sft_config(cfg, run_dir))
+    return {"model": str(r.model_dir.absolute()), "metrics": str(r.output_dir.absolute() / "metrics.jsonl"),
+            "curves": str(r.output_dir.absolute() / "curves.png")}
+
+
+def _stage_aif(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
+    from zephyr_ray.feedback.aif import run_aif
+
+    r = run_aif(aif_config(cfg, run_dir, m.artifact("sft", "model")))
+    return {"pairs": str(r.path.absolute()), "report": str(r.path.parent.absolute() / "aif_report.json"),
+            "count": r.pairs, "skipped": r.skipped}
+
+
+def _stage_dpo(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
+    from zephyr_ray.train.dpo import run_dpo
+
+    r = run_dpo(dpo_config(cfg, run_dir, m.artifact("sft", "model"), m.artifact("aif", "pairs")))
+    return {"model": str(r.model_dir.absolute()), "metrics": str(r.output_dir.absolute() / "metrics.jsonl"),
+            "curves": str(r.output_dir.absolute() / "curves.png")}
+
+
+def _stage_eval(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
+    from zephyr_ray.eval.run import run_eval
+
+    r = run_eval(eval_config(cfg, run_dir, m.artifact("sft", "model"), m.artifact("dpo", "model")))
+    return {"results": str(r.dir.absolute() / "results.json"), "report": str(r.report.absolute()),
+            **({"chart": str(r.chart.absolute())} if r.chart else {})}
+
+
+def _stage_serve(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
+    from zephyr_ray.serve.app import run_server
+
+    detach = bool(os.environ.get("RAY_ADDRESS"))
+    url = run_server(serve_config(cfg, run_dir, m.artifact("dpo", "model")), detach=detach,
+                     ready=lambda msg: print(msg, flush=True))
+    return {"url": url, "detached": detach}
+
+
+RUNNERS: dict[str, Callable[[PipelineRecipe, Path, Manifest], dict[str, Any]]] = {
+    "sft": _stage_sft, "aif": _stage_aif, "dpo": _stage_dpo, "eval": _stage_eval, "serve": _stage_serve}
+TITLES = {"sft": "dSFT", "aif": "AI feedback", "dpo": "dDPO", "eval": "evaluation", "serve": "serving"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------
+
+def summarize(m: Manifest) -> dict[str, Any]:
+    """The numbers a reader wants first, from the stages' own files."""
+    stages = m.data["stages"]
+    out: dict[str, Any] = {"run_id": m.data["run_id"], "run_dir": m.data["run_dir"],
+                           "seconds": {s: v.get("seconds") for s, v in stages.items()}}
+    if stages["sft"]["status"] == "done":
+        last = _last(Path(m.artifact("sft", "metrics")))
+        out["sft"] = {"steps": last.get("step"), "loss": last.get("loss")}
+    if stages["aif"]["status"] == "done":
+        out["aif"] = {"pairs": m.artifact("aif", "count"), "skipped": m.artifact("aif", "skipped")}
+    if stages["dpo"]["status"] == "done":
+        last = _last(Path(m.artifact("dpo", "metrics")))
+        out["dpo"] = {k: last.get(k) for k in ("step", "loss", "rewards/accuracies", "rewards/margins")}
+    if stages["eval"]["status"] == "done":
+        results = json.loads(Path(m.artifact("eval", "results")).read_text())
+        mt = results.get("mt_bench", {})
+        alpaca = results.get("alpaca_eval", {})
+        out["eval"] = {
+            "mt_bench": {name: {"overall": s["overall"], **s["categories"], "parse_failures": s["parse_failures"]}
+                         for name, s in mt.get("models", {}).items()},
+            "categories": mt.get("categories", []),
+            "win_rate": {name: {"win_rate": s["win_rate"], "standard_error": s["standard_error"],
+                                "parse_failures": s["parse_failures"]}
+                         for name, s in alpaca.get("models", {}).items()},
+            "reference": alpaca.get("reference"),
+            "judge": results.get("judge", {}).get("name"),
+        }
+    return out
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec) if isinstance(x, float) else str(x)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Plain-text table for the terminal (the same numbers are in summary.json)."""
+    lines = [f"run {summary['run_id']}  ({summary['run_dir']})"]
+    secs = ", ".join(f"{s} {_fmt(v, '.0f')} s" for s, v in summary["seconds"].items())
+    lines.append(f"stage time: {secs}")
+    if "sft" in summary:
+        lines.append(f"dSFT: final loss {_fmt(summary['sft']['loss'])} after {summary['sft']['steps']} steps")
+    if "aif" in summary:
+        lines.append(f"AIF: {summary['aif']['pairs']} preference pairs ({summary['aif']['skipped']} prompts skipped)")
+    if "dpo" in summary:
+        d = summary["dpo"]
+        lines.append(f"dDPO: loss {_fmt(d['loss'])}, reward accuracy {_fmt(d['rewards/accuracies'])}, "
+                     f"margin {_fmt(d['rewards/margins'])} at step {d['step']}")
+    if "eval" in summary:
+        e = summary["eval"]
+        models = list(e["mt_bench"]) or list(e["win_rate"])
+        rows = [["MT-Bench", *models]]
+        rows += [[c, *(_fmt(e["mt_bench"].get(n, {}).get(c), ".2f") for n in models)] for c in ["overall", *e["categories"]]]
+        rows.append(["unreadable ratings", *(_fmt(e["mt_bench"].get(n, {}).get("parse_failures")) for n in models)])
+        if e["win_rate"]:
+            rows.append([f"win rate vs {e['reference']}",
+                         *(_fmt(e["win_rate"].get(n, {}).get("win_rate"), ".1%") for n in models)])
+        width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append(f"evaluation (judge {e['judge']}):")
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, width, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    manifest: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def check_pipeline(cfg: PipelineRecipe) -> None:
+    """Everything that can be checked before hours of training: stage configs that are wrong however the
+    earlier stages turn out."""
+    from zephyr_ray.eval.run import check_recipe
+
+    if not cfg.aif.candidates and not cfg.pipeline.sft_as_candidate:
+        raise ConfigError("aif.candidates is empty and pipeline.sft_as_candidate is false: nobody answers")
+    if not cfg.eval.models:
+        raise ConfigError("eval.models needs one entry: the template for the dSFT and dDPO engines")
+    if cfg.aif.completions:
+        raise ConfigError("aif.completions (pre-generated completions) cannot include the dSFT model's answers; "
+                          "unset it in the pipeline")
+    from zephyr_ray.generation import check_params
+
+    try:
+        check_params(cfg.aif.sampling)
+        check_recipe(eval_config(cfg, Path(cfg.pipeline.runs_dir), "dsft", "ddpo"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None = None,
+                 echo: Callable[[str], None] = print) -> PipelineResult:
+    """Run (or ``resume``) the pipeline; finished stages of a resumed run are not redone."""
+    from zephyr_ray.cluster import ensure_ray
+
+    if resume is not None:
+        run_dir = Path(resume)
+        manifest = Manifest.load(run_dir)
+        cfg = from_dict(manifest.data["config"], PipelineRecipe)
+        manifest.data["resumed"].append(_now())
+        echo(f"resuming pipeline run {run_dir}")
+    else:
+        if cfg is None:
+            raise ValueError("run_pipeline needs a config or resume")
+        check_pipeline(cfg)
+        run_dir = new_run_dir(cfg.pipeline.runs_dir)
+        manifest = Manifest.create(run_dir, cfg)
+        echo(f"pipeline run {run_dir}")
+    manifest.save()
+    ensure_ray()
+    names = list(manifest.data["stages"])
+    for i, name in enumerate(names, 1):
+        stage = manifest.stage(name)
+        label = f"[{i}/{len(names)}] {TITLES[name]}"
+        if stage["status"] == "done":
+            echo(f"{label}: done in an earlier attempt ({_fmt(stage.get('seconds'), '.0f')} s), skipped")
+            continue
+        echo(f"{label} -> {run_dir / name}")
+        stage.update(status="running", started=_now(), attempts=stage.get("attempts", 0) + 1)
+        stage.pop("error", None)
+        manifest.save()
+        if name == "serve":  # serving blocks until Ctrl-C: write the summary first
+            _write_summary(manifest, run_dir, echo)
+        started = time.perf_counter()
+        try:
+            artifacts = RUNNERS[name](cfg, run_dir, manifest)
+        except BaseException as exc:
+            stage.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=_now())
+            manifest.save()
+            echo(f"{label} failed after {time.perf_counter() - started:.0f} s; rerun with: "
+                 f"zephyr-ray pipeline --resume {run_dir}")
+            raise
+        stage.update(status="done", finished=_now(), seconds=round(time.perf_counter() - started, 1),
+                     artifacts=artifacts)
+        manifest.save()
+        echo(f"{label} done in {stage['seconds']:.0f} s")
+    summary = _write_summary(manifest, run_dir, echo)
+    if manifest.stage("dpo")["status"] == "done" and "serve" not in manifest.data["stages"]:
+        model = manifest.artifact("dpo", "model")
+        echo(f"try the dDPO model: zephyr-ray chat --model {model} \"What is 12 + 30?\"\n"
+             f"serve it: zephyr-ray serve --config {cfg.recipes.get('serve', '<serve recipe>')} engine.path={model}")
+    echo(f"pipeline run finished: {run_dir}")
+    return PipelineResult(run_dir, manifest.data, summary)
+
+
+def _write_summary(manifest: Manifest, run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    summary = summarize(manifest)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    echo(summary_table(summary))
+    return summary
+
+
+
