@@ -124,7 +124,8 @@ SMALL = ["sft.train.epochs=1", "sft.train.max_steps=6", "aif.prompts.limit=8", "
 
 
 def test_tiny_pipeline_end_to_end_with_an_interrupted_stage_resumed(ray_cluster, tmp_path, monkeypatch):
-    cfg = _tiny(f"pipeline.runs_dir={tmp_path}", *SMALL)
+    monkeypatch.chdir(tmp_path)  # a relative runs_dir, as in `make demo`: Ray workers run elsewhere
+    cfg = _tiny("pipeline.runs_dir=runs", *SMALL)
     said: list[str] = []
     real_dpo = pipeline.RUNNERS["dpo"]
 
@@ -133,7 +134,7 @@ def test_tiny_pipeline_end_to_end_with_an_interrupted_stage_resumed(ray_cluster,
     monkeypatch.setitem(pipeline.RUNNERS, "dpo", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg, echo=said.append)
-    run_dir = next(tmp_path.iterdir())
+    run_dir = next((tmp_path / "runs").iterdir())
     m = json.loads((run_dir / "manifest.json").read_text())
     assert [m["stages"][s]["status"] for s in ("sft", "aif", "dpo", "eval")] == ["done", "done", "failed", "pending"]
     assert f"zephyr-ray pipeline --resume {run_dir}" in said[-1]

@@ -132,4 +132,4 @@ def resolve_model_path(path: str | None, output_dir: str | Path, seed: int = 0) 
     if not (tiny / "config.json").exists():
         log.info("model.path is empty: building the tiny random model in %s", tiny)
         build_tiny(tiny, seed=seed)
-    return str(tiny)
+    return str(tiny.absolute())  # Ray workers may run in another directory

@@ -159,7 +159,7 @@ class Manifest:
 
 def new_run_dir(runs_dir: str | Path) -> Path:
     """``runs_dir/<UTC timestamp>``, with a suffix when two runs start within the same second."""
-    base = Path(runs_dir) / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    base = Path(runs_dir).absolute() / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir, n = base, 1
     while True:
         try:
@@ -330,7 +330,7 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
     from zephyr_ray.cluster import ensure_ray
 
     if resume is not None:
-        run_dir = Path(resume)
+        run_dir = Path(resume).absolute()
         manifest = Manifest.load(run_dir)
         cfg = from_dict(manifest.data["config"], PipelineRecipe)
         manifest.data["resumed"].append(_now())
