@@ -123,6 +123,7 @@ SMALL = ["sft.train.epochs=1", "sft.train.max_steps=6", "aif.prompts.limit=8", "
          "eval.judge.max_attempts=1", "wandb.mode=offline"]
 
 
+@pytest.mark.ray
 def test_tiny_pipeline_end_to_end_with_an_interrupted_stage_resumed(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative runs_dir, as in `make demo`: Ray workers run elsewhere
     cfg = _tiny("pipeline.runs_dir=runs", *SMALL)

@@ -12,6 +12,7 @@ from zephyr_ray.config import (
     DPORecipe,
     EvalRecipe,
     GenerateRecipe,
+    LeaderboardRecipe,
     SelfInstructRecipe,
     SFTRecipe,
     load_config,
@@ -60,6 +61,13 @@ def _eval(cfg: EvalRecipe) -> str:
     return f"evaluation report: {result.report.absolute()} (results.json, chart and judgments in {result.dir.absolute()})"
 
 
+def _leaderboard(cfg: LeaderboardRecipe) -> str:
+    from zephyr_ray.eval.leaderboard_run import run_leaderboard
+
+    result = run_leaderboard(cfg)
+    return f"leaderboard report: {result.report.absolute()} (results.json in {result.dir.absolute()})"
+
+
 STAGES = {
     "sft": (SFTRecipe, _sft, "distilled supervised fine-tuning (dSFT)"),
     "dpo": (DPORecipe, _dpo, "distilled direct preference optimisation (dDPO)"),
@@ -67,6 +75,8 @@ STAGES = {
     "aif": (AIFRecipe, _aif, "AI feedback: candidates answer, judges rate, best vs random lower become pairs"),
     "selfinstruct": (SelfInstructRecipe, _selfinstruct, "multi-turn dSFT dialogues written by a teacher from seed prompts"),
     "eval": (EvalRecipe, _eval, "MT-Bench and AlpacaEval-style win rate with an LLM judge; radar chart and report"),
+    "leaderboard": (LeaderboardRecipe, _leaderboard,
+                    "Open LLM Leaderboard-style multiple-choice log-likelihood tasks (ARC, HellaSwag, MMLU, TruthfulQA)"),
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from zephyr_ray.generation.types import SamplingParams
+from zephyr_ray.models import TINY_FAMILY_NAMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,8 @@ class ModelConfig:
     attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
     trust_remote_code: bool = False
     tiny_seed: int = 0
+    # Family of the tiny random model built when path is None (models.TINY_FAMILIES).
+    tiny_arch: str = choice(*TINY_FAMILY_NAMES)
 
 
 @dataclass
@@ -172,11 +175,13 @@ class EngineConfig:
     # Label written next to every completion (e.g. the candidate model's name).
     name: str = "tiny"
     backend: str = choice("transformers", "vllm", "openai")
-    # transformers/vllm: HF directory or hub id (None builds the tiny random model with tiny_seed);
-    # openai: the model name sent to the endpoint.
+    # transformers/vllm: HF directory or hub id (None builds the tiny random model of family tiny_arch
+    # with tiny_seed); openai: the model name sent to the endpoint.
     path: str | None = None
     revision: str | None = None
     tiny_seed: int = 0
+    # Family of that tiny model (models.TINY_FAMILIES).
+    tiny_arch: str = choice(*TINY_FAMILY_NAMES)
     precision: str = choice("fp32", "bf16", "fp16")
     attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
     trust_remote_code: bool = False
@@ -345,6 +350,69 @@ class EvalRecipe:
 
 
 @dataclass
+class LeaderboardTaskConfig:
+    """One multiple-choice log-likelihood task (``zephyr_ray/eval/leaderboard.py``)."""
+
+    # Label in results.json and the report.
+    name: str = "arc"
+    # JSONL rows {question or context, choices: [...], gold: int} (mc2: labels: [1/0 per choice], 1 = true);
+    # local or any fsspec URL.
+    path: str = "data/sample/leaderboard/arc.jsonl"
+    # Prompt of a row: qa = "Question: ...\nAnswer:" (ARC), continuation = the context as is (HellaSwag),
+    # mmlu = question + lettered choices + "Answer:" (" A".." scored), truthfulqa = "Q: ...\nA:".
+    format: str = choice("qa", "continuation", "mmlu", "truthfulqa")
+    # Headline metric: acc (argmax of summed log-probs), acc_norm (of log-prob / characters of the choice),
+    # mc2 (normalised probability mass on the true answers; rows need labels).
+    metric: str = choice("acc_norm", "acc", "mc2")
+    # Examples (with their gold answers) before each scored row; the leaderboard's: ARC 25, HellaSwag 10, MMLU 5,
+    # TruthfulQA 0.
+    num_fewshot: int = 0
+    # Few-shot examples are drawn (seeded, per row) from this file; None = from the first fewshot_pool rows
+    # of path, which are then not scored.
+    fewshot_path: str | None = None
+    # Rows held out at the head of path when fewshot_path is None (None = num_fewshot).
+    fewshot_pool: int | None = None
+    # Text before the few-shot examples; {subject} is the row's `subject` (underscores as spaces).
+    description: str = ""
+    # Score the first N rows (after the few-shot pool); None = all.
+    limit: int | None = None
+    # backend lm_eval: the harness's task name (e.g. arc_challenge, hellaswag, mmlu, truthfulqa_mc2).
+    lm_eval_task: str | None = None
+
+
+MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
+def _leaderboard_tasks() -> list[LeaderboardTaskConfig]:
+    """The Open LLM Leaderboard's four tasks and shot counts, on the shipped sample files."""
+    sample = "data/sample/leaderboard"
+    return [
+        LeaderboardTaskConfig("arc", f"{sample}/arc.jsonl", "qa", "acc_norm", 25, lm_eval_task="arc_challenge"),
+        LeaderboardTaskConfig("hellaswag", f"{sample}/hellaswag.jsonl", "continuation", "acc_norm", 10,
+                              lm_eval_task="hellaswag"),
+        LeaderboardTaskConfig("mmlu", f"{sample}/mmlu.jsonl", "mmlu", "acc", 5, description=MMLU_DESCRIPTION,
+                              lm_eval_task="mmlu"),
+        LeaderboardTaskConfig("truthfulqa_mc2", f"{sample}/truthfulqa_mc.jsonl", "truthfulqa", "mc2", 0,
+                              lm_eval_task="truthfulqa_mc2"),
+    ]
+
+
+@dataclass
+class LeaderboardRecipe:
+    # The evaluated models (e.g. the dSFT and the dDPO model); native needs backend transformers.
+    models: list[EngineConfig] = field(default_factory=lambda: [EngineConfig()])
+    tasks: list[LeaderboardTaskConfig] = field(default_factory=_leaderboard_tasks)
+    # native: our log-likelihood scoring on Ray actor pools; lm_eval: lm-evaluation-harness's simple_evaluate
+    # on each model's HF folder with tasks[].lm_eval_task (pip install zephyr-ray[leaderboard]).
+    backend: str = choice("native", "lm_eval")
+    # Seeds the few-shot draw of every row.
+    seed: int = 1234
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="leaderboard", output_dir="runs/leaderboard"))
+    # The stage's summary (results.json) as one W&B run named run.name in group wandb.group.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class AutoscalingConfig:
     """Ray Serve autoscaling of the chat replicas (replaces ``serve.num_replicas`` when enabled)."""
 
@@ -454,7 +522,7 @@ class PipelineRecipe:
 
 RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe, "generate": GenerateRecipe, "aif": AIFRecipe,
                             "selfinstruct": SelfInstructRecipe, "eval": EvalRecipe,
-                            "serve": ServeRecipe, "pipeline": PipelineRecipe}
+                            "leaderboard": LeaderboardRecipe, "serve": ServeRecipe, "pipeline": PipelineRecipe}
 
 
 def _unknown_key(exc: Exception, schema: type) -> str:

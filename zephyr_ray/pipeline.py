@@ -158,7 +158,8 @@ class Manifest:
 
 
 def new_run_dir(runs_dir: str | Path) -> Path:
-    """``runs_dir/<UTC timestamp>``, with a suffix when two runs start within the same second."""
+    """``runs_dir/<UTC timestamp>`` (absolute: every stage and Ray worker gets the same path), with a suffix
+    when two runs start within the same second."""
     base = Path(runs_dir).absolute() / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir, n = base, 1
     while True:
@@ -185,7 +186,7 @@ def _stage_sft(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any
 
     r = run_sft(sft_config(cfg, run_dir))
     return {"model": str(r.model_dir.absolute()), "metrics": str(r.output_dir.absolute() / "metrics.jsonl"),
-            "curves": str(r.output_dir.absolute() / "curves.png")}
+            "curves": str(r.output_dir.absolute() / "curves.png"), "chat_template": r.chat_template}
 
 
 def _stage_aif(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
@@ -201,7 +202,7 @@ def _stage_dpo(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any
 
     r = run_dpo(dpo_config(cfg, run_dir, m.artifact("sft", "model"), m.artifact("aif", "pairs")))
     return {"model": str(r.model_dir.absolute()), "metrics": str(r.output_dir.absolute() / "metrics.jsonl"),
-            "curves": str(r.output_dir.absolute() / "curves.png")}
+            "curves": str(r.output_dir.absolute() / "curves.png"), "chat_template": r.chat_template}
 
 
 def _stage_eval(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:

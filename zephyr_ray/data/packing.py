@@ -1,7 +1,8 @@
 """Packing sequences into rows of at most ``max_length`` tokens, and collating rows into batches.
 
 Each packed row carries ``position_ids`` that restart at 0 for every sequence; with no attention mask,
-transformers builds a block-diagonal causal mask from them, so attention never crosses sequences.
+transformers builds a block-diagonal causal mask from them, so attention never crosses sequences (families
+that take no ``position_ids``, MPT, get that mask explicitly: ``train.losses.packed_inputs``).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from zephyr_ray.eval.pairwise import (
 )
 from zephyr_ray.generation import check_params
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
+from zephyr_ray.models import tiny_label
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -481,10 +482,11 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
 
     results: dict[str, Any] = {
         "run": cfg.run.name,
-        "judge": {"name": judge.name, "backend": judge.backend, "model": cfg.judge.engine.path or f"tiny-seed{judge.tiny_seed}",
+        "judge": {"name": judge.name, "backend": judge.backend,
+                  "model": cfg.judge.engine.path or tiny_label(judge.tiny_seed, judge.tiny_arch),
                   "prompts": cfg.judge.prompts, "max_attempts": cfg.judge.max_attempts,
                   "sampling": asdict(cfg.judge.sampling)},
-        "models": [{"name": m.name, "backend": m.backend, "path": m.path or f"tiny-seed{m.tiny_seed}"}
+        "models": [{"name": m.name, "backend": m.backend, "path": m.path or tiny_label(m.tiny_seed, m.tiny_arch)}
                    for m in cfg.models],
     }
     if mt:

@@ -42,13 +42,13 @@ def make_engine(cfg: EngineConfig, output_dir: str | Path) -> Engine:
         from zephyr_ray.generation.hf import HFEngine
         from zephyr_ray.models import resolve_model_path
 
-        return HFEngine(cfg, resolve_model_path(cfg.path, output_dir, seed=cfg.tiny_seed))
+        return HFEngine(cfg, resolve_model_path(cfg.path, output_dir, seed=cfg.tiny_seed, arch=cfg.tiny_arch))
     if cfg.backend == "vllm":
         from zephyr_ray.generation.vllm_engine import VLLMEngine, import_vllm
         from zephyr_ray.models import resolve_model_path
 
         import_vllm()  # a missing vllm fails here, before the tiny model is built
-        return VLLMEngine(cfg, resolve_model_path(cfg.path, output_dir, seed=cfg.tiny_seed))
+        return VLLMEngine(cfg, resolve_model_path(cfg.path, output_dir, seed=cfg.tiny_seed, arch=cfg.tiny_arch))
     if cfg.backend == "openai":
         from zephyr_ray.generation.openai_engine import OpenAIEngine
 

@@ -34,11 +34,12 @@ _MAX_RETRIES = 3
 
 def resolve_engine(cfg: EngineConfig, models_dir: Path) -> EngineConfig:
     """``cfg`` with the tiny model built (once, on the driver) when a local backend names no model."""
-    from zephyr_ray.models import resolve_model_path
+    from zephyr_ray.models import resolve_model_path, tiny_label
 
     if cfg.backend == "openai" or cfg.path:
         return cfg
-    return replace(cfg, path=resolve_model_path(None, models_dir / f"tiny-seed{cfg.tiny_seed}", cfg.tiny_seed))
+    return replace(cfg, path=resolve_model_path(None, models_dir / tiny_label(cfg.tiny_seed, cfg.tiny_arch), cfg.tiny_seed,
+                                                 cfg.tiny_arch))
 
 
 def done_keys(out_dir: Path) -> set[str]:

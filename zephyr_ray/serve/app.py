@@ -364,7 +364,8 @@ def prepare(cfg: ServeRecipe) -> ServeRecipe:
         from zephyr_ray.generation.vllm_engine import import_vllm
 
         import_vllm()  # a missing vllm fails here, before anything is deployed
-    path = resolve_model_path(cfg.engine.path, cfg.run.output_dir, seed=cfg.engine.tiny_seed)
+    path = resolve_model_path(cfg.engine.path, cfg.run.output_dir, seed=cfg.engine.tiny_seed,
+                              arch=cfg.engine.tiny_arch)
     if "://" not in path and Path(path).exists():
         path = str(Path(path).absolute())
     return replace(cfg, engine=replace(cfg.engine, path=path))

@@ -63,6 +63,8 @@ class StageResult:
     model_dir: Path
     steps: int
     final_metrics: dict[str, Any]
+    # Where the chat template trained with came from: models.chat_template_source of the input model.
+    chat_template: str = ""
 
 
 def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
@@ -72,13 +74,15 @@ def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Call
     (panels of metric keys) to ``curves.png``."""
     from zephyr_ray.data.pipeline import plan, stage_dataset
     from zephyr_ray.data.readers import read_rows
-    from zephyr_ray.models import resolve_model_path
+    from zephyr_ray.models import chat_template_source, resolve_model_path
     from zephyr_ray.train.curves import plot_curves
     from zephyr_ray.train.metrics import read_metrics
 
     out = open_run(cfg)
     log.info("%s run directory: %s", cfg.run.name, out.absolute())
-    model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed)
+    model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed, cfg.model.tiny_arch)
+    template = chat_template_source(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    log.info("chat template of %s: %s", model_path, template)
     ensure_ray()
     rows = read_rows(resolve_path(cfg.data.path), cfg.data.format, cfg.data.split, cfg.data.limit)
     report = plan(rows, examples, model_path, cfg.data)
@@ -97,4 +101,5 @@ def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Call
     metrics = read_metrics(out)
     plot_curves(metrics, curves, out / "curves.png", title=f"{cfg.run.name}: training curves")
     log.info("%s done: model in %s", cfg.run.name, (out / "model").absolute())
-    return StageResult(out, out / "model", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})
+    return StageResult(out, out / "model", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {},
+                       template)

@@ -3,6 +3,8 @@ gradient step weights every token equally across micro-batches, accumulation ste
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -18,18 +20,65 @@ def shifted_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Te
     return target
 
 
+@functools.cache
+def _forward_params(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def packed_inputs(model: Any, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """How a model is told where packed sequences start: the one place that knows families differ.
+
+    Families whose forward takes ``position_ids`` (Mistral, Llama, Qwen2, Gemma, Falcon, GPT-NeoX) get
+    them alone: transformers' mask builder finds the restarts and gives each sequence its own causal
+    block (and RoPE restarts with them). MPT takes none (ALiBi; its forward swallows ``position_ids``
+    in ``**kwargs`` and ignores them, so packed sequences would silently attend to each other): it gets
+    an explicit 4D block-diagonal causal mask instead, additive (0 / dtype min), the format every
+    attention path accepts as already prepared. ALiBi's bias is relative, so it needs nothing more.
+    A family with neither cannot train packed rows: that is a ``ConfigError`` naming it.
+    """
+    params = _forward_params(type(getattr(model, "module", model)))  # DeepSpeed wraps the HF model
+    if "position_ids" in params:
+        return {"position_ids": position_ids}
+    if not bool((position_ids[:, 1:] == 0).any()):
+        return {}  # one sequence per row (right padding only): the default causal mask is right
+    if "attention_mask" not in params:
+        from zephyr_ray.config import ConfigError
+
+        name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(f"{name} models take neither position_ids nor an attention mask, so packed "
+                          "sequences cannot be kept apart; set data.packing=false")
+    return {"attention_mask": block_causal_mask(position_ids, dtype)}
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: token i sees token j iff j <= i in the same packed sequence (a
+    sequence starts where ``position_ids`` is 0)."""
+    seq = (position_ids == 0).cumsum(-1)
+    n = position_ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits only at positions whose next token is trained, their targets, and where they are.
 
     ``logits_to_keep`` (a boolean mask) skips the LM head on prompts and padding: for small models the
-    head is the largest matmul, and at any size the full-vocab logits are the largest activation.
-    No attention mask is passed: position_ids alone give each packed sequence its own causal block.
+    head is the largest matmul, and at any size the full-vocab logits are the largest activation (every
+    supported family slices with transformers' ``slice_logits_to_keep``, mask form included; a model
+    without it gets every logit computed, then the same ones selected).
+    Packed sequences are kept apart by ``packed_inputs`` (position_ids, or a block mask for MPT).
     """
     target = shifted_labels(batch["labels"], batch["position_ids"])
     valid = target != IGNORE_INDEX
     keep = F.pad(valid, (0, 1))  # position t predicts t + 1; the last position predicts nothing
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                   logits_to_keep=keep).logits
+    inputs = packed_inputs(model, batch["position_ids"], next(model.parameters()).dtype)
+    if "logits_to_keep" in _forward_params(type(getattr(model, "module", model))):
+        inputs["logits_to_keep"] = keep
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+    if logits.shape[:2] == keep.shape:  # a model without logits_to_keep (older remote code): select here
+        logits = logits[keep]
     return logits.reshape(-1, logits.shape[-1]), target[valid], keep
 
 

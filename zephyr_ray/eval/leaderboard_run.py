@@ -1,0 +1,313 @@
+"""The leaderboard stage (``zephyr-ray leaderboard``): Open LLM Leaderboard-style multiple-choice log-likelihood
+benchmarks (ARC, HellaSwag, MMLU, TruthfulQA-MC2 or any task file in that format) for several models.
+
+``backend: native`` (default): the driver reads every task file, builds each row's few-shot context and its
+continuations (``zephyr_ray/eval/leaderboard.py``); one resumable actor pool per model
+(:func:`zephyr_ray.generation.pool.run_pool`, the model's ``EngineConfig``: actors, CPUs/GPUs, batch size) tokenizes
+them at lm-eval's token boundary and scores them (``zephyr_ray/eval/loglikelihood.py``), writing Parquet parts
+under ``loglik/<model>/`` (a unit = one row; its key hashes the context and continuations, so a rerun redoes only
+what is missing or changed). ``backend: lm_eval``: lm-evaluation-harness's ``simple_evaluate`` on each model's HF
+folder, one call per task (its ``lm_eval_task`` and ``num_fewshot``), in a Ray task with the model's resources.
+
+Written to ``run.output_dir``: ``results.json`` (per model and task: acc, acc_norm or mc2, their standard errors,
+n, num_fewshot; the average of the headline metrics), ``report.md``, and (native) ``details/<model>/<task>.jsonl``
+(each row's log-likelihoods and metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zephyr_ray.config import EngineConfig, LeaderboardRecipe, LeaderboardTaskConfig, resolve_path, to_dict
+from zephyr_ray.eval import leaderboard as lb
+from zephyr_ray.eval.mt_bench import digest
+from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
+from zephyr_ray.models import tiny_label
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+LM_EVAL_EXTRA = "pip install 'zephyr-ray[leaderboard]'  (lm-eval>=0.4)"
+
+
+@dataclass
+class LeaderboardResult:
+    dir: Path
+    results: dict[str, Any]
+    report: Path
+
+
+@dataclass
+class TaskData:
+    cfg: LeaderboardTaskConfig
+    docs: list[lb.Doc]  # the scored rows
+    contexts: list[str]
+    pool_size: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks and inputs
+# ---------------------------------------------------------------------------------------------------
+
+def import_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise RuntimeError(f"leaderboard backend lm_eval needs lm-evaluation-harness: {LM_EVAL_EXTRA}") from exc
+    return lm_eval
+
+
+def check_recipe(cfg: LeaderboardRecipe) -> None:
+    names = [m.name for m in cfg.models]
+    if not names:
+        raise ValueError("leaderboard needs at least one model in models")
+    if len(set(names)) != len(names):
+        raise ValueError(f"leaderboard models names must be distinct (they label results): {names}")
+    tasks = [t.name for t in cfg.tasks]
+    if not tasks:
+        raise ValueError("leaderboard needs at least one task in tasks")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"leaderboard task names must be distinct: {tasks}")
+    for name in [*names, *tasks]:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"name {name!r} is not usable as a folder name")
+    for t in cfg.tasks:
+        if t.num_fewshot < 0:
+            raise ValueError(f"task {t.name}: num_fewshot must be >= 0, got {t.num_fewshot}")
+        if t.fewshot_pool is not None and t.fewshot_pool < t.num_fewshot:
+            raise ValueError(f"task {t.name}: fewshot_pool ({t.fewshot_pool}) is smaller than num_fewshot "
+                             f"({t.num_fewshot})")
+    if cfg.backend == "native":
+        for m in cfg.models:
+            if m.backend != "transformers":
+                raise ValueError(f"model {m.name}: backend native scores with transformers; got backend "
+                                 f"{m.backend!r} (use backend: lm_eval or a transformers engine)")
+    else:
+        missing = [t.name for t in cfg.tasks if not t.lm_eval_task]
+        if missing:
+            raise ValueError(f"backend lm_eval needs tasks[].lm_eval_task for {missing}")
+        for m in cfg.models:
+            if m.backend == "openai":
+                raise ValueError(f"model {m.name}: lm_eval runs a local HF model, not backend openai")
+        import_lm_eval()
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a JSONL file (local or fsspec URL); a malformed line names file and line."""
+    import fsspec
+
+    rows = []
+    with fsspec.open(path, "r", encoding="utf-8", compression="infer") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {n}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {n}: expected an object")
+            rows.append((n, row))
+    return rows
+
+
+def _docs(path: str, metric: str) -> list[lb.Doc]:
+    resolved = resolve_path(path)
+    return [lb.parse_doc(row, metric, f"{path} line {n}") for n, row in read_jsonl(resolved)]
+
+
+def load_task(t: LeaderboardTaskConfig, seed: int) -> TaskData:
+    """The scored rows of a task and each one's few-shot context."""
+    docs = _docs(t.path, t.metric)
+    if t.fewshot_path:
+        pool, scored = _docs(t.fewshot_path, t.metric), docs
+    else:
+        k = t.num_fewshot if t.fewshot_pool is None else t.fewshot_pool
+        pool, scored = docs[:k], docs[k:]
+    if t.limit is not None:
+        scored = scored[:t.limit]
+    if not scored:
+        raise ValueError(f"task {t.name}: no rows left to score in {t.path} (after {len(pool)} few-shot rows)")
+    if len(pool) < t.num_fewshot:
+        raise ValueError(f"task {t.name}: {t.num_fewshot} few-shot examples asked, the pool has {len(pool)} "
+                         f"({t.fewshot_path or t.path})")
+    contexts = [lb.fewshot_context(d, t.format, lb.sample_fewshot(pool, t.num_fewshot, seed, t.name, i, exclude=d),
+                                   t.description) for i, d in enumerate(scored)]
+    return TaskData(t, scored, contexts, len(pool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Native scoring on the actor pool
+# ---------------------------------------------------------------------------------------------------
+
+def loglikelihood_work(engine: Any, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pool ``work``: every continuation of every unit scored on the actor's transformers model."""
+    from zephyr_ray.eval.loglikelihood import loglikelihood
+
+    if not hasattr(engine, "model") or not hasattr(engine, "tokenizer"):
+        raise TypeError(f"leaderboard scoring needs a transformers engine, got {type(engine).__name__}")
+    tok = engine.tokenizer
+    encode, prefix = lb.hf_encoder(tok), lb.prefix_token(tok)
+    requests, spans = [], []
+    for u in units:
+        pairs = [lb.encode_pair(encode, u["context"], cont, prefix) for cont in u["continuations"]]
+        spans.append((len(requests), len(pairs)))
+        requests += pairs
+    scored = loglikelihood(engine.model, tok, requests, batch_size=engine.cfg.batch_size)
+    out = []
+    for u, (start, n) in zip(units, spans):
+        part = scored[start:start + n]
+        out.append({KEY: u[KEY], "task": u["task"], "doc": u["doc"], "lls": [ll for ll, _ in part],
+                    "greedy": [g for _, g in part],
+                    "continuation_tokens": [len(requests[start + j][1]) for j in range(n)],
+                    "context_tokens": len(requests[start][0])})
+    return out
+
+
+def _units(tasks: list[TaskData]) -> list[dict[str, Any]]:
+    units = []
+    for td in tasks:
+        t = td.cfg
+        for i, (doc, ctx) in enumerate(zip(td.docs, td.contexts)):
+            conts = [cont for _, cont in lb.requests_for(doc, t.format, ctx)]
+            units.append({KEY: f"{t.name}|{i}#{digest(ctx, conts)}", "task": t.name, "doc": i, "context": ctx,
+                          "continuations": conts})
+    return units
+
+
+def _schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([(KEY, pa.string()), ("task", pa.string()), ("doc", pa.int64()), ("context", pa.string()),
+                      ("continuations", pa.list_(pa.string()))])
+
+
+def _score_native(engine: EngineConfig, units: list[dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:
+    import pyarrow as pa
+    import ray.data
+
+    ds = ray.data.from_arrow(pa.Table.from_pylist(units, schema=_schema()))
+    table = run_pool(ds, engine, loglikelihood_work, out / "loglik" / engine.name, f"leaderboard [{engine.name}]")
+    wanted = {u[KEY] for u in units}
+    rows = {r[KEY]: r for r in (table.to_pylist() if table is not None else []) if r[KEY] in wanted}
+    if wanted - rows.keys():
+        raise RuntimeError(f"leaderboard [{engine.name}]: {len(wanted - rows.keys())} of {len(wanted)} rows unscored")
+    return rows
+
+
+def _native_model(engine: EngineConfig, tasks: list[TaskData], units: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    scored = _score_native(engine, units, out)
+    by_task: dict[str, Any] = {}
+    for td in tasks:
+        t = td.cfg
+        per_doc, details = [], []
+        for u in (u for u in units if u["task"] == t.name):
+            doc, row = td.docs[u["doc"]], scored[u[KEY]]
+            m = lb.doc_metrics(doc, t.format, row["lls"])
+            per_doc.append(m)
+            details.append({"doc": u["doc"], "gold": doc.gold, "labels": doc.labels, "lls": row["lls"],
+                            "greedy": row["greedy"], "context_tokens": row["context_tokens"], **m})
+        by_task[t.name] = lb.aggregate(per_doc, t.metric, t.num_fewshot)
+        path = out / "details" / engine.name / f"{t.name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(d) + "\n" for d in details))
+    return by_task
+
+
+# ---------------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+# ---------------------------------------------------------------------------------------------------
+
+_LM_EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _lm_eval_task(path: str, engine: dict[str, Any], task: str, num_fewshot: int, seed: int, limit: int | None
+                  ) -> dict[str, Any]:
+    """One ``simple_evaluate`` call (runs inside a Ray task holding the model's resources)."""
+    import torch
+
+    lm_eval = import_lm_eval()
+    if engine.get("threads_per_actor"):
+        torch.set_num_threads(engine["threads_per_actor"])
+    args = f"pretrained={path},dtype={_LM_EVAL_DTYPES[engine['precision']]}"
+    if engine.get("revision"):
+        args += f",revision={engine['revision']}"
+    if engine.get("trust_remote_code"):
+        args += ",trust_remote_code=True"
+    res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[task], num_fewshot=num_fewshot,
+                                  batch_size=engine["batch_size"], device="cuda" if torch.cuda.is_available() else "cpu",
+                                  limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed)
+    metrics = res["results"][task]
+    n = res.get("n-samples", {}).get(task, {}).get("effective")
+    return {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "n": n}
+
+
+def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe) -> dict[str, Any]:
+    import ray
+
+    remote = ray.remote(num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor)(_lm_eval_task)
+    by_task: dict[str, Any] = {}
+    for t in cfg.tasks:
+        got = ray.get(remote.remote(engine.path, to_dict(engine), t.lm_eval_task, t.num_fewshot, cfg.seed, t.limit))
+        m = got["metrics"]
+        r: dict[str, Any] = {"metric": t.metric, "lm_eval_task": t.lm_eval_task}
+        for name in lb.METRICS:
+            if f"{name},none" in m:
+                r[name] = m[f"{name},none"]
+                r[f"{name}_stderr"] = m.get(f"{name}_stderr,none")
+        if t.metric not in r:
+            raise RuntimeError(f"lm_eval task {t.lm_eval_task} reported no {t.metric}: {sorted(m)}")
+        r.update({"value": r[t.metric], "stderr": r[f"{t.metric}_stderr"], "n": got["n"],
+                  "num_fewshot": t.num_fewshot})
+        by_task[t.name] = r
+    return by_task
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+
+def run_leaderboard(cfg: LeaderboardRecipe) -> LeaderboardResult:
+    from zephyr_ray.cluster import ensure_ray, open_run
+    from zephyr_ray.train.metrics import log_summary_run
+
+    check_recipe(cfg)
+    out = open_run(cfg)
+    started = time.perf_counter()
+    tasks = [load_task(t, cfg.seed) for t in cfg.tasks] if cfg.backend == "native" else []
+    ensure_ray()
+    results: dict[str, Any] = {
+        "run": cfg.run.name, "backend": cfg.backend, "seed": cfg.seed,
+        "tasks": {t.name: {"path": t.path, "format": t.format, "metric": t.metric, "num_fewshot": t.num_fewshot,
+                           "fewshot_path": t.fewshot_path, "lm_eval_task": t.lm_eval_task} for t in cfg.tasks},
+        "model_info": [{"name": m.name, "backend": m.backend, "path": m.path or tiny_label(m.tiny_seed, m.tiny_arch)}
+                       for m in cfg.models],
+        "models": {},
+        "timings": {},
+    }
+    for td in tasks:
+        results["tasks"][td.cfg.name].update({"rows": len(td.docs), "fewshot_pool": td.pool_size})
+    units = _units(tasks)
+    for m in cfg.models:
+        engine = resolve_engine(m, out / "models")
+        t0 = time.perf_counter()
+        by_task = _native_model(engine, tasks, units, out) if cfg.backend == "native" \
+            else _lm_eval_model(engine, cfg)
+        heads = [r["value"] for r in by_task.values()]
+        results["models"][m.name] = {"tasks": by_task, "average": sum(heads) / len(heads) if heads else None}
+        results["timings"][m.name] = time.perf_counter() - t0
+    results["wall_s"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    report = out / "report.md"
+    report.write_text(lb.markdown_table(results))
+    log.info("leaderboard:\n%s", report.read_text())
+    log_summary_run(cfg.wandb, cfg.run.name, out, {"models": results["models"]}, config=to_dict(cfg))
+    return LeaderboardResult(out, results, report)
