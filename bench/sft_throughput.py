@@ -82,6 +82,8 @@ from common import (
     step_clock,
 )
 
+from zephyr_ray.models import TINY_FAMILY_NAMES, load_model
+
 SHARED_DATA = SHARED_DATA_DIR / "sft_gpt4_teacher.jsonl"
 SAMPLE_DATA = ROOT / "data" / "sample" / "sft.jsonl"
 DEFAULT_OUT = ROOT / "bench" / "results" / "sft_throughput.json"
@@ -183,7 +185,6 @@ def side_ours(spec: dict) -> dict:
 def side_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from zephyr_ray.models import load_tokenizer
@@ -192,9 +193,7 @@ def side_trl(spec: dict) -> dict:
     rows = read_jsonl(Path(spec["data_path"]))
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     tok = load_tokenizer(spec["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model_path"], dtype=torch.float32, attn_implementation="sdpa"
-    )
+    model = load_model(spec["model_path"])  # sdpa, as ours (eager for families without it: MPT)
     args = SFTConfig(
         output_dir=spec["output_dir"],
         max_length=spec["max_length"],
@@ -241,7 +240,7 @@ def side_trl(spec: dict) -> dict:
 # driver
 
 
-def prepare(work: Path, data_src: Path, max_length: int, limit: int) -> dict:
+def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str = "mistral") -> dict:
     """The shared model directory, the shared data file (``messages`` only) and the FLOP model of both."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -250,7 +249,7 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int) -> dict:
     from zephyr_ray.data.tokenize import tokenize_messages
     from zephyr_ray.models import build_tiny, load_tokenizer
 
-    model_path = build_tiny(work / "tiny-base", seed=0)
+    model_path = build_tiny(work / "tiny-base", seed=0, arch=arch)
     rows = read_jsonl(data_src)
     rows = rows[:limit] if limit else rows
     data_path = work / "dialogues.jsonl"
@@ -290,8 +289,9 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int) -> dict:
         "flops_formula": "6*N_body + 6*N_head*f + 6*n_layers*d_model*sum(n_i^2)/sum(n_i); N_body = params outside "
         "the input embedding and LM head, f = fraction of tokens followed by a trained (assistant) "
         "token, n_i = tokens of each dialogue after truncation to max_length",
+        "family": arch,
         "arch": {
-            k: getattr(c, k)
+            k: getattr(c, k, None)
             for k in (
                 "hidden_size",
                 "intermediate_size",
@@ -336,7 +336,7 @@ def print_table(a: argparse.Namespace, prep: dict, specs: list, runs: list[dict]
     peak = max(mm_before["best_flops"], mm_after["best_flops"])
     print()
     print(
-        f"dSFT throughput, tiny Mistral ({prep['params_total']:,} params; body {prep['params_body']:,}, LM head "
+        f"dSFT throughput, tiny {prep['family']} ({prep['params_total']:,} params; body {prep['params_body']:,}, LM head "
         f"{prep['params_head']:,}), "
         f"max_length {a.max_length}, {a.global_batch} packed rows/step, fp32, assistant-only loss, data "
         f"{Path(prep['data_source']).name} ({prep['rows']} dialogues, {prep['truncated_rows']} truncated; "
@@ -456,6 +456,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step (both sides)")
     ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
+    ap.add_argument("--arch", default="mistral", choices=TINY_FAMILY_NAMES,
+                    help="family of the tiny model both sides train (same parameter budget for every family)")
     ap.add_argument("--ours", default="ours-2w,ours-1w,ours-1w-omp2", help=f"of {list(OURS_CONFIGS)}")
     ap.add_argument("--trl", default="trl-bs,trl-bs1-gas", help=f"of {list(TRL_CONFIGS)}")
     add_common_args(ap, DEFAULT_OUT)
@@ -466,7 +468,7 @@ def main() -> None:
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
     session = start_session(a.work_dir, "sft_bench_", f"data {data_src}")
-    prep = prepare(session.work, data_src, a.max_length, a.limit)
+    prep = prepare(session.work, data_src, a.max_length, a.limit, a.arch)
     # Packed rows come out of best-fit decreasing fullest first (long single dialogues, then packed short ones),
     # so a window shorter than an epoch sees an unrepresentative mix; by default the window is the whole epoch.
     epoch_steps = prep["packed_rows"] // a.global_batch
