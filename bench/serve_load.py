@@ -34,7 +34,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import build_model, load_prompts  # noqa: E402
+
+from zephyr_ray.cluster import free_port  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "serve_load.json"
 
@@ -174,12 +175,6 @@ def in_process_request(batcher, tokenize, max_tokens: int, stream: bool):
 
 
 # ------------------------------------------------------------------------------------------------ main
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_model(kind: str, a: argparse.Namespace, levels: list[int], conversations: list, work: Path,

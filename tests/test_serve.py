@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 import yaml
 
+from zephyr_ray.cluster import free_port
 from zephyr_ray.config import EngineConfig, ServeRecipe, load_config
 from zephyr_ray.generation.types import Completion, SamplingParams
 
@@ -27,12 +27,6 @@ MODEL = "zephyr-tiny-test"
 MAX_MODEL_LEN = 512
 MAX_TOKENS_LIMIT = 256
 USER = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe(tiny_model: str, port: int, *extra: str) -> ServeRecipe:

@@ -563,8 +563,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if path is not None:
             data = OmegaConf.load(path)
             for section, recipe in (data.get("recipes") or {}).items():
-                if section not in PIPELINE_STAGES or not hasattr(schema, "__dataclass_fields__") \
-                        or section not in schema.__dataclass_fields__:
+                if section not in PIPELINE_STAGES or section not in {f.name for f in dataclasses.fields(schema)}:
                     raise ConfigError(f"{path}: recipes.{section}: not a stage section of {schema.__name__}")
                 source = f"{recipe} (recipes.{section} of {path})"
                 if not Path(resolve_path(recipe)).is_file():

@@ -181,12 +181,17 @@ def _last(metrics_file: Path) -> dict[str, Any]:
     return rows[-1] if rows else {}
 
 
+def _trained(r: Any) -> dict[str, Any]:
+    """A training stage's artifacts (a :class:`~zephyr_ray.train.launch.StageResult`)."""
+    out = r.output_dir.absolute()
+    return {"model": str(r.model_dir.absolute()), "metrics": str(out / "metrics.jsonl"),
+            "curves": str(out / "curves.png"), "chat_template": r.chat_template}
+
+
 def _stage_sft(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
     from zephyr_ray.train.sft import run_sft
 
-    r = run_sft(sft_config(cfg, run_dir))
-    return {"model": str(r.model_dir.absolute()), "metrics": str(r.output_dir.absolute() / "metrics.jsonl"),
-            "curves": str(r.output_dir.absolute() / "curves.png"), "chat_template": r.chat_template}
+    return _trained(run_sft(sft_config(cfg, run_dir)))
 
 
 def _stage_aif(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
@@ -200,9 +205,7 @@ def _stage_aif(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any
 def _stage_dpo(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
     from zephyr_ray.train.dpo import run_dpo
 
-    r = run_dpo(dpo_config(cfg, run_dir, m.artifact("sft", "model"), m.artifact("aif", "pairs")))
-    return {"model": str(r.model_dir.absolute()), "metrics": str(r.output_dir.absolute() / "metrics.jsonl"),
-            "curves": str(r.output_dir.absolute() / "curves.png"), "chat_template": r.chat_template}
+    return _trained(run_dpo(dpo_config(cfg, run_dir, m.artifact("sft", "model"), m.artifact("aif", "pairs"))))
 
 
 def _stage_eval(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:

@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.config import EngineConfig, LeaderboardRecipe, LeaderboardTaskConfig, resolve_path, to_dict
+from zephyr_ray.data.rows import parse_row, row_ref
+from zephyr_ray.data.schema import BadRowError, RowProblem
 from zephyr_ray.eval import leaderboard as lb
+from zephyr_ray.eval.inputs import read_input_rows
 from zephyr_ray.eval.mt_bench import digest
+from zephyr_ray.eval.run import check_name
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.models import tiny_label
 
@@ -75,9 +79,10 @@ def check_recipe(cfg: LeaderboardRecipe) -> None:
         raise ValueError("leaderboard needs at least one task in tasks")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"leaderboard task names must be distinct: {tasks}")
-    for name in [*names, *tasks]:
-        if not name or "/" in name or name in (".", ".."):
-            raise ValueError(f"name {name!r} is not usable as a folder name")
+    for name in names:
+        check_name(name, "model")
+    for name in tasks:
+        check_name(name, "task")
     for t in cfg.tasks:
         if t.num_fewshot < 0:
             raise ValueError(f"task {t.name}: num_fewshot must be >= 0, got {t.num_fewshot}")
@@ -99,28 +104,16 @@ def check_recipe(cfg: LeaderboardRecipe) -> None:
         import_lm_eval()
 
 
-def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a JSONL file (local or fsspec URL); a malformed line names file and line."""
-    import fsspec
-
-    rows = []
-    with fsspec.open(path, "r", encoding="utf-8", compression="infer") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {n}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {n}: expected an object")
-            rows.append((n, row))
-    return rows
-
-
 def _docs(path: str, metric: str) -> list[lb.Doc]:
-    resolved = resolve_path(path)
-    return [lb.parse_doc(row, metric, f"{path} line {n}") for n, row in read_jsonl(resolved)]
+    """The task file's rows as validated docs; a bad row raises naming file, line and field."""
+    docs = []
+    for row in read_input_rows(resolve_path(path)):
+        ref = row_ref(row)
+        try:
+            docs.append(lb.parse_doc(parse_row(row), metric, str(ref)))
+        except RowProblem as problem:
+            raise BadRowError(f"{ref}: {problem}") from None
+    return docs
 
 
 def load_task(t: LeaderboardTaskConfig, seed: int) -> TaskData:

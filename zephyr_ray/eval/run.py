@@ -75,7 +75,7 @@ class _Timings:
 # Checks before any work
 # ---------------------------------------------------------------------------------------------------
 
-def _check_name(name: str, what: str) -> None:
+def check_name(name: str, what: str) -> None:
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"{what} name {name!r} is not usable as a folder name")
 
@@ -85,8 +85,8 @@ def check_recipe(cfg: EvalRecipe) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"eval.models names must be distinct (they label answers and results): {names}")
     for name in names:
-        _check_name(name, "model")
-    _check_name(cfg.judge.engine.name, "judge")
+        check_name(name, "model")
+    check_name(cfg.judge.engine.name, "judge")
     if cfg.judge.max_attempts < 1:
         raise ValueError(f"judge.max_attempts must be >= 1, got {cfg.judge.max_attempts}")
     check_params(cfg.judge.sampling)
@@ -113,7 +113,7 @@ def check_recipe(cfg: EvalRecipe) -> None:
                 raise ValueError("alpaca_eval needs exactly one reference: reference_model (outputs read from a "
                                  "file) or reference (an engine that generates them)")
             ref = _reference_name(cfg)
-            _check_name(ref, "reference")
+            check_name(ref, "reference")
             if ref in evaluated:
                 raise ValueError(f"alpaca_eval reference {ref!r} is also an evaluated model")
 
