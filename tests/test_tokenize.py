@@ -80,10 +80,51 @@ def test_truncation_keeps_ids_and_labels_aligned(tokenizer):
         assert cut["labels"] == full["labels"][:n]
 
 
-def test_template_without_generation_markers_is_refused(tokenizer):
+# Released templates without {% generation %} markers (Qwen2's ChatML, Gemma's), written out here.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+GEMMA = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+         "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def _with_template(tokenizer, template):
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(ValueError, match="generation"):
-        tokenize_messages(tok, DIALOGUES[1])
+    tok.chat_template = template
+    return tok
+
+
+def _labelled_runs(out):
+    runs, run = [], []
+    for tok, lab in zip(out["input_ids"], out["labels"]):
+        if lab != IGNORE_INDEX:
+            run.append(tok)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + [run] if run else runs
+
+
+@pytest.mark.parametrize(("template", "end"), [(CHATML, "<|im_end|>"), (GEMMA, "<end_of_turn>")], ids=["chatml", "gemma"])
+def test_template_without_generation_markers_labels_content_and_end_of_turn(tokenizer, template, end):
+    tok = _with_template(tokenizer, template)
+    messages = DIALOGUES[2]
+    out = tokenize_messages(tok, messages)
+    assert out["input_ids"] == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    # Each labelled run is one assistant turn: its content, then the end-of-turn marker, nothing of the
+    # prompt or the newline the template writes after it.
+    want = [m["content"].strip() + end for m in messages if m["role"] == "assistant"]
+    assert [tok.decode(r) for r in _labelled_runs(out)] == want
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert sum(lab != IGNORE_INDEX for lab in out["labels"]) < len(out["input_ids"]) and text.endswith(end + "\n")
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    # Drops earlier assistant turns (as reasoning templates drop past thoughts): prefixes stop matching.
+    tok = _with_template(tokenizer, "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                                    "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+                                    "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ValueError, match="assistant turn 1 differently"):
+        tokenize_messages(tok, DIALOGUES[2])
