@@ -274,3 +274,31 @@ def test_leaderboard_stage_end_to_end(ray_cluster, tmp_path):
     assert a != b
     report = (out / "report.md").read_text()
     assert "| tiny-a |" in report and "truthfulqa_mc2 (mc2, 0-shot)" in report
+
+
+@pytest.mark.ray
+def test_lm_eval_backend_scores_the_local_task_files_like_native(ray_cluster, tmp_path):
+    """lm-evaluation-harness, given this project's task files, computes the same per-row log-likelihoods (its own
+    request building, token split and batching) and so the same metrics as the native scorer."""
+    pytest.importorskip("lm_eval")
+    from zephyr_ray.eval.leaderboard_run import run_leaderboard
+
+    results = {}
+    for backend in ("native", "lm_eval"):
+        cfg = _cfg(f"run.output_dir={tmp_path / backend}", f"backend={backend}", "wandb.enabled=false")
+        cfg.models = cfg.models[:1]
+        cfg.tasks = [t for t in cfg.tasks if t.name in ("mmlu", "truthfulqa_mc2")]
+        for t in cfg.tasks:  # few-shot draws differ (the harness samples its own); descriptions do not
+            t.num_fewshot, t.fewshot_pool, t.lm_eval_task = 0, 2, None
+        results[backend] = run_leaderboard(cfg).results["models"]["tiny-a"]["tasks"]
+    for task in ("mmlu", "truthfulqa_mc2"):
+        native, harness = (
+            [json.loads(line) for line in (tmp_path / b / "details" / "tiny-a" / f"{task}.jsonl").read_text().splitlines()]
+            for b in ("native", "lm_eval"))
+        assert [d["doc"] for d in harness] == [d["doc"] for d in native] == list(range(10))
+        for h, n in zip(harness, native):
+            assert h["lls"] == pytest.approx(n["lls"], abs=1e-4)
+        for key in ("acc", "acc_norm", "value", "n", *(["mc2"] if task == "truthfulqa_mc2" else [])):
+            assert results["lm_eval"][task][key] == pytest.approx(results["native"][task][key], abs=1e-6), key
+    spec = json.loads((tmp_path / "lm_eval" / "lm_eval_tasks" / "mmlu" / "test.jsonl").read_text().splitlines()[0])
+    assert spec["subject"] and len(spec["choices"]) == 4

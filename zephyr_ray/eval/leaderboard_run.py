@@ -7,7 +7,11 @@ continuations (``zephyr_ray/eval/leaderboard.py``); one resumable actor pool per
 them at lm-eval's token boundary and scores them (``zephyr_ray/eval/loglikelihood.py``), writing Parquet parts
 under ``loglik/<model>/`` (a unit = one row; its key hashes the context and continuations, so a rerun redoes only
 what is missing or changed). ``backend: lm_eval``: lm-evaluation-harness's ``simple_evaluate`` on each model's HF
-folder, one call per task (its ``lm_eval_task`` and ``num_fewshot``), in a Ray task with the model's resources.
+folder, one call per task, in a Ray task with the model's resources: a task with ``lm_eval_task`` is the harness's
+own (e.g. ``arc_challenge``, downloaded by it); one without is this task's file, handed to the harness as a task config
+(scored rows and few-shot pool written under ``lm_eval_tasks/``, prompts and per-row metrics from
+``zephyr_ray/eval/leaderboard.py``), so the harness's batching, token split and log-likelihoods score exactly the
+native prompts (few-shot examples drawn by its sampler).
 
 Written to ``run.output_dir``: ``results.json`` (per model and task: acc, acc_norm or mc2, their standard errors,
 n, num_fewshot; the average of the headline metrics), ``report.md``, and (native) ``details/<model>/<task>.jsonl``
@@ -16,6 +20,8 @@ n, num_fewshot; the average of the headline metrics), ``report.md``, and (native
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -53,7 +59,7 @@ class TaskData:
     cfg: LeaderboardTaskConfig
     docs: list[lb.Doc]  # the scored rows
     contexts: list[str]
-    pool_size: int
+    pool: list[lb.Doc]  # few-shot examples are drawn from these
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,9 +101,6 @@ def check_recipe(cfg: LeaderboardRecipe) -> None:
                 raise ValueError(f"model {m.name}: backend native scores with transformers; got backend "
                                  f"{m.backend!r} (use backend: lm_eval or a transformers engine)")
     else:
-        missing = [t.name for t in cfg.tasks if not t.lm_eval_task]
-        if missing:
-            raise ValueError(f"backend lm_eval needs tasks[].lm_eval_task for {missing}")
         for m in cfg.models:
             if m.backend == "openai":
                 raise ValueError(f"model {m.name}: lm_eval runs a local HF model, not backend openai")
@@ -133,7 +136,7 @@ def load_task(t: LeaderboardTaskConfig, seed: int) -> TaskData:
                          f"({t.fewshot_path or t.path})")
     contexts = [lb.fewshot_context(d, t.format, lb.sample_fewshot(pool, t.num_fewshot, seed, t.name, i, exclude=d),
                                    t.description) for i, d in enumerate(scored)]
-    return TaskData(t, scored, contexts, len(pool))
+    return TaskData(t, scored, contexts, pool)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,10 +211,13 @@ def _native_model(engine: EngineConfig, tasks: list[TaskData], units: list[dict[
             details.append({"doc": u["doc"], "gold": doc.gold, "labels": doc.labels, "lls": row["lls"],
                             "greedy": row["greedy"], "context_tokens": row["context_tokens"], **m})
         by_task[t.name] = lb.aggregate(per_doc, t.metric, t.num_fewshot)
-        path = out / "details" / engine.name / f"{t.name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(d) + "\n" for d in details))
+        _write_jsonl(out / "details" / engine.name / f"{t.name}.jsonl", details)
     return by_task
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,9 +227,67 @@ def _native_model(engine: EngineConfig, tasks: list[TaskData], units: list[dict[
 _LM_EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _lm_eval_task(path: str, engine: dict[str, Any], task: str, num_fewshot: int, seed: int, limit: int | None
-                  ) -> dict[str, Any]:
-    """One ``simple_evaluate`` call (runs inside a Ray task holding the model's resources)."""
+def _doc(row: dict[str, Any]) -> lb.Doc:
+    """A row of the files :func:`local_task_spec` writes (``Doc`` fields) back as a ``Doc``."""
+    return lb.Doc(row["question"], tuple(row["choices"]), row["gold"],
+                  tuple(row["labels"]) if row.get("labels") is not None else None, row.get("subject") or "")
+
+
+def _lm_eval_text(row: dict[str, Any], fmt: str) -> str:
+    return lb.doc_to_text(_doc(row), fmt)
+
+
+def _lm_eval_choices(row: dict[str, Any], fmt: str) -> list[str]:
+    return lb.doc_to_choices(_doc(row), fmt)
+
+
+def _lm_eval_target(row: dict[str, Any]) -> int:
+    return row["gold"]
+
+
+def _lm_eval_metrics(row: dict[str, Any], results: list[tuple[float, bool]], fmt: str) -> dict[str, float]:
+    return lb.doc_metrics(_doc(row), fmt, [ll for ll, _ in results])
+
+
+def local_task_spec(td: TaskData, folder: Path) -> dict[str, Any]:
+    """This task's scored rows and few-shot pool as JSONL under ``folder/<task>/`` and what the harness needs to
+    build a task config from them (plain data: it travels to the Ray task)."""
+    t = td.cfg
+    files = {}
+    for split, docs in (("test", td.docs), ("fewshot", td.pool)):
+        if docs:
+            files[split] = str(folder / t.name / f"{split}.jsonl")
+            _write_jsonl(Path(files[split]), [dataclasses.asdict(d) for d in docs])
+    return {"name": t.name, "format": t.format, "labels": all(d.labels is not None for d in td.docs),
+            "description": t.description, "data_files": files}
+
+
+def lm_eval_task_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """An lm-evaluation-harness task config (the dict form of its task YAML) for a :func:`local_task_spec`:
+    prompts, choices and per-row metrics are this project's functions, delimiters are lm-eval's."""
+    fmt = spec["format"]
+    metrics = ["acc", "acc_norm", *(["mc2"] if spec["labels"] else [])]
+    cfg = {
+        "task": f"zephyr_ray_{spec['name']}", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": spec["data_files"]}, "test_split": "test", "output_type": "multiple_choice",
+        "doc_to_text": functools.partial(_lm_eval_text, fmt=fmt),
+        "doc_to_choice": functools.partial(_lm_eval_choices, fmt=fmt),
+        "doc_to_target": _lm_eval_target,
+        "process_results": functools.partial(_lm_eval_metrics, fmt=fmt),
+        "target_delimiter": lb.TARGET_DELIMITER, "fewshot_delimiter": lb.FEWSHOT_DELIMITER,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
+    }
+    if spec["description"]:  # the harness renders it with Jinja against the row
+        cfg["description"] = spec["description"].replace("{subject}", "{{ subject | replace('_', ' ') }}")
+    if "fewshot" in spec["data_files"]:
+        cfg["fewshot_split"] = "fewshot"
+    return cfg
+
+
+def _lm_eval_task(path: str, engine: dict[str, Any], task: str | dict[str, Any], num_fewshot: int, seed: int,
+                  limit: int | None) -> dict[str, Any]:
+    """One ``simple_evaluate`` call (runs inside a Ray task holding the model's resources) of a harness task name
+    or a :func:`local_task_spec`; its metrics and each row's log-likelihoods."""
     import torch
 
     lm_eval = import_lm_eval()
@@ -234,22 +298,29 @@ def _lm_eval_task(path: str, engine: dict[str, Any], task: str, num_fewshot: int
         args += f",revision={engine['revision']}"
     if engine.get("trust_remote_code"):
         args += ",trust_remote_code=True"
-    res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[task], num_fewshot=num_fewshot,
+    config = lm_eval_task_config(task) if isinstance(task, dict) else task
+    name = config["task"] if isinstance(config, dict) else config
+    res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[config], num_fewshot=num_fewshot,
                                   batch_size=engine["batch_size"], device="cuda" if torch.cuda.is_available() else "cpu",
                                   limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
-    metrics = res["results"][task]
-    n = res.get("n-samples", {}).get(task, {}).get("effective")
-    return {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "n": n}
+                                  fewshot_random_seed=seed, log_samples=True)
+    rows = sorted(res["samples"][name], key=lambda r: r["doc_id"])
+    return {"metrics": {k: v for k, v in res["results"][name].items() if isinstance(v, (int, float))},
+            "n": res.get("n-samples", {}).get(name, {}).get("effective"),
+            "details": [{"doc": r["doc_id"], "lls": [resp[0][0] for resp in r["resps"]],
+                         "greedy": [bool(resp[0][1]) for resp in r["resps"]]} for r in rows]}
 
 
-def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe) -> dict[str, Any]:
+def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe, tasks: list[TaskData], out: Path) -> dict[str, Any]:
     import ray
 
+    local = {td.cfg.name: local_task_spec(td, out / "lm_eval_tasks") for td in tasks}
     remote = ray.remote(num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor)(_lm_eval_task)
     by_task: dict[str, Any] = {}
     for t in cfg.tasks:
-        got = ray.get(remote.remote(engine.path, to_dict(engine), t.lm_eval_task, t.num_fewshot, cfg.seed, t.limit))
+        spec = local.get(t.name, t.lm_eval_task)
+        limit = None if t.name in local else t.limit  # load_task has already cut the local rows
+        got = ray.get(remote.remote(engine.path, to_dict(engine), spec, t.num_fewshot, cfg.seed, limit))
         m = got["metrics"]
         r: dict[str, Any] = {"metric": t.metric, "lm_eval_task": t.lm_eval_task}
         for name in lb.METRICS:
@@ -257,10 +328,11 @@ def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe) -> dict[str, An
                 r[name] = m[f"{name},none"]
                 r[f"{name}_stderr"] = m.get(f"{name}_stderr,none")
         if t.metric not in r:
-            raise RuntimeError(f"lm_eval task {t.lm_eval_task} reported no {t.metric}: {sorted(m)}")
+            raise RuntimeError(f"lm_eval task {t.lm_eval_task or t.name} reported no {t.metric}: {sorted(m)}")
         r.update({"value": r[t.metric], "stderr": r[f"{t.metric}_stderr"], "n": got["n"],
                   "num_fewshot": t.num_fewshot})
         by_task[t.name] = r
+        _write_jsonl(out / "details" / engine.name / f"{t.name}.jsonl", got["details"])
     return by_task
 
 
@@ -275,7 +347,7 @@ def run_leaderboard(cfg: LeaderboardRecipe) -> LeaderboardResult:
     check_recipe(cfg)
     out = open_run(cfg)
     started = time.perf_counter()
-    tasks = [load_task(t, cfg.seed) for t in cfg.tasks] if cfg.backend == "native" else []
+    tasks = [load_task(t, cfg.seed) for t in cfg.tasks if cfg.backend == "native" or not t.lm_eval_task]
     ensure_ray()
     results: dict[str, Any] = {
         "run": cfg.run.name, "backend": cfg.backend, "seed": cfg.seed,
@@ -287,13 +359,13 @@ def run_leaderboard(cfg: LeaderboardRecipe) -> LeaderboardResult:
         "timings": {},
     }
     for td in tasks:
-        results["tasks"][td.cfg.name].update({"rows": len(td.docs), "fewshot_pool": td.pool_size})
+        results["tasks"][td.cfg.name].update({"rows": len(td.docs), "fewshot_pool": len(td.pool)})
     units = _units(tasks)
     for m in cfg.models:
         engine = resolve_engine(m, out / "models")
         t0 = time.perf_counter()
         by_task = _native_model(engine, tasks, units, out) if cfg.backend == "native" \
-            else _lm_eval_model(engine, cfg)
+            else _lm_eval_model(engine, cfg, tasks, out)
         heads = [r["value"] for r in by_task.values()]
         results["models"][m.name] = {"tasks": by_task, "average": sum(heads) / len(heads) if heads else None}
         results["timings"][m.name] = time.perf_counter() - t0
