@@ -29,6 +29,41 @@ def choice(default: str, *choices: str) -> Any:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) instead of full fine-tuning: the base stays frozen, so optimizer state, gradients
+    and checkpoints hold only the adapters; the exported model has them merged in (``zephyr_ray/train/lora.py``)."""
+
+    enabled: bool = False
+    # Rank of each adapter's update B·A: its capacity (the alignment-handbook's Zephyr QLoRA: 16 dSFT, 128 dDPO).
+    r: int = 16
+    # The update is scaled by alpha / r, so the step size stays comparable when r changes.
+    alpha: int = 32
+    # Dropout on the adapters' input: regularises the few trained parameters.
+    dropout: float = 0.05
+    # Modules that get adapters: peft module names (q_proj, v_proj, ...) or all-linear (every linear layer but
+    # the LM head, as QLoRA does).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Store the frozen base in 4 bits (QLoRA: NF4, double quantization, compute in train.precision) or 8 bits
+    # with bitsandbytes: a 7B base in ~4 GB instead of ~14. Needs CUDA workers and bitsandbytes (the gpu extra).
+    quantize: str = choice("none", "4bit", "8bit")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        out = []
+        if self.r < 1:
+            out.append(("r", "must be >= 1"))
+        if self.alpha <= 0:
+            out.append(("alpha", "must be > 0"))
+        if not 0 <= self.dropout < 1:
+            out.append(("dropout", "must be within [0, 1)"))
+        if not self.target_modules or ("all-linear" in self.target_modules and len(self.target_modules) > 1):
+            out.append(("target_modules", "name modules (e.g. [q_proj, v_proj]) or give [all-linear] alone"))
+        if self.quantize in ("4bit", "8bit") and not self.enabled:
+            out.append(("quantize", "quantizes the frozen base under LoRA adapters: needs model.lora.enabled=true"))
+        return out
+
+
+@dataclass
 class ModelConfig:
     # HF directory or hub id; None builds the tiny random model (tests, demo).
     path: str | None = None
@@ -38,6 +73,8 @@ class ModelConfig:
     tiny_seed: int = 0
     # Family of the tiny random model built when path is None (models.TINY_FAMILIES).
     tiny_arch: str = choice(*TINY_FAMILY_NAMES)
+    # Train LoRA/QLoRA adapters instead of every weight (dSFT and dDPO).
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -127,7 +164,9 @@ class WandbConfig:
 
 
 @dataclass
-class SFTRecipe:
+class TrainingRecipe:
+    """What every training stage (dSFT, dDPO) has; each stage's recipe adds its own section."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -138,18 +177,72 @@ class SFTRecipe:
 
 
 @dataclass
-class ReferenceConfig:
-    # precompute: Ray actors stream the frozen model's log-probs into the data once (workers never hold
-    # it); online: each worker keeps its own frozen copy (for data made on the fly).
-    mode: str = choice("precompute", "online")
-    # The frozen reference; None = the policy's starting point (model.path), i.e. the dSFT model.
-    path: str | None = None
+class ActorPoolConfig:
+    """A Ray Data actor pool streaming the training rows through a frozen model once (dDPO's reference,
+    dSFT's distillation teacher); ``zephyr_ray/train/frozen.py``."""
+
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     # torch threads per actor; None keeps Ray's (whole CPUs reserved, at least 1).
     threads_per_actor: int | None = None
+    # Rows (dSFT packed rows, dDPO pairs) per forward pass of the frozen model.
     batch_size: int = 16
+
+
+@dataclass
+class DistillConfig(ActorPoolConfig):
+    """Logit-level distillation: the student also learns the teacher's next-token distribution at every trained
+    token, from top-k log-probs that the actor pool adds to the rows once (workers never hold the teacher)."""
+
+    enabled: bool = False
+    # The teacher (HF directory or hub id). It must share the student's tokenizer (same vocabulary and special
+    # tokens, output no larger than the student's): checked before any work.
+    teacher: str | None = None
+    # With teacher None: the teacher is the tiny random model of model.tiny_arch with this seed (tests, demo).
+    teacher_tiny_seed: int | None = None
+    # forward_kl: KL(teacher || student), mass-covering (Hinton et al.); reverse_kl: KL(student || teacher),
+    # mode-seeking; jsd: generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024), see jsd_beta.
+    loss: str = choice("forward_kl", "reverse_kl", "jsd")
+    # jsd's interpolation in [0, 1] (mixture = beta * teacher + (1 - beta) * student): small ~ forward KL,
+    # large ~ reverse KL; 0 and 1 are exactly forward and reverse KL (TRL's GKDTrainer convention).
+    jsd_beta: float = 0.5
+    # Both distributions are softened by this temperature (> 0) and the divergence scaled by its square, so the
+    # gradient's size does not depend on it (Hinton et al., 2015).
+    temperature: float = 1.0
+    # Weight in [0, 1] of the distillation term; (1 - alpha) goes to the plain next-token loss on the labels.
+    alpha: float = 0.5
+    # Teacher tokens kept per position (the rest of its mass is one extra bucket): the Parquet cost per token.
+    top_k: int = 20
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        out = []
+        if self.enabled and self.teacher is None and self.teacher_tiny_seed is None:
+            out.append(("teacher", "required with distill.enabled: an HF directory or hub id sharing the student's "
+                                   "tokenizer (or teacher_tiny_seed for a tiny random teacher)"))
+        for key in ("alpha", "jsd_beta"):
+            if not 0 <= getattr(self, key) <= 1:
+                out.append((key, "must be within [0, 1]"))
+        if self.temperature <= 0:
+            out.append(("temperature", "must be > 0"))
+        if self.top_k < 1:
+            out.append(("top_k", "must be >= 1"))
+        return out
+
+
+@dataclass
+class SFTRecipe(TrainingRecipe):
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class ReferenceConfig(ActorPoolConfig):
+    # precompute: Ray actors stream the frozen model's log-probs into the data once (workers never hold
+    # it); online: each worker keeps its own frozen copy (for data made on the fly).
+    mode: str = choice("precompute", "online")
+    # The frozen reference; None = the policy's starting point (model.path), i.e. the dSFT model.
+    path: str | None = None
 
 
 @dataclass
@@ -164,7 +257,7 @@ class DPOConfig:
 
 
 @dataclass
-class DPORecipe(SFTRecipe):
+class DPORecipe(TrainingRecipe):
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
@@ -376,7 +469,8 @@ class LeaderboardTaskConfig:
     description: str = ""
     # Score the first N rows (after the few-shot pool); None = all.
     limit: int | None = None
-    # backend lm_eval: the harness's task name (e.g. arc_challenge, hellaswag, mmlu, truthfulqa_mc2).
+    # backend lm_eval: the harness's own task of this name (e.g. arc_challenge, hellaswag, mmlu, truthfulqa_mc2);
+    # None = this task's file (path), scored by the harness with this format's prompts.
     lm_eval_task: str | None = None
 
 
@@ -536,16 +630,19 @@ def _unknown_key(exc: Exception, schema: type) -> str:
     return f"unknown key '{key}'; valid keys under {parent}: {', '.join(valid)}"
 
 
-def _check_choices(obj: Any, prefix: str = "") -> None:
+def _validate(obj: Any, prefix: str = "") -> None:
+    """Every field's choices, and each section's own ``problems()`` where it has them."""
+    for key, problem in getattr(obj, "problems", list)():
+        raise ConfigError(f"{prefix}{key}={getattr(obj, key)!r}: {problem}")
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            _check_choices(value, key + ".")
+            _validate(value, key + ".")
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
-                    _check_choices(item, f"{key}[{i}].")
+                    _validate(item, f"{key}[{i}].")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
 
@@ -584,7 +681,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     except OmegaConfBaseException as exc:
         msg = str(getattr(exc, "msg", exc)).splitlines()[0]
         raise ConfigError(f"{source}: {getattr(exc, 'full_key', None) or '<root>'}: {msg}") from None
-    _check_choices(obj)
+    _validate(obj)
     return obj
 
 

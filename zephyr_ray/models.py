@@ -135,15 +135,17 @@ def chat_template_source(tokenizer_or_path: Any, revision: str | None = None, tr
 
 
 def load_model(path: str, *, dtype: Any = None, attn_implementation: str = "sdpa", revision: str | None = None,
-               trust_remote_code: bool = False):
-    """``AutoModelForCausalLM`` in ``dtype`` (fp32 by default). ``sdpa`` (the default) falls back to
-    ``eager`` for families without an SDPA implementation (MPT); an explicit other choice never does."""
+               trust_remote_code: bool = False, quantization_config: Any = None):
+    """``AutoModelForCausalLM`` in ``dtype`` (fp32 by default; ``quantization_config``: bitsandbytes, for
+    QLoRA). ``sdpa`` (the default) falls back to ``eager`` for families without an SDPA implementation (MPT);
+    an explicit other choice never does."""
     import torch
     from transformers import AutoModelForCausalLM
 
     def load(attn: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attn,
-                                                    revision=revision, trust_remote_code=trust_remote_code)
+                                                    revision=revision, trust_remote_code=trust_remote_code,
+                                                    quantization_config=quantization_config)
 
     try:
         return load(attn_implementation)

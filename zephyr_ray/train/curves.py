@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 # Panels per stage: each panel plots these metric keys against the step (keys a run lacks are left out).
-SFT_PANELS: tuple[tuple[str, ...], ...] = (("loss",), ("lr",), ("grad_norm",), ("tokens_per_s",))
+SFT_PANELS: tuple[tuple[str, ...], ...] = (("loss",), ("lr",), ("grad_norm",), ("tokens_per_s",),
+                                           ("nll",), ("distill/divergence", "distill/kl"))  # last two: distillation
 DPO_PANELS: tuple[tuple[str, ...], ...] = (("loss",), ("rewards/accuracies",), ("rewards/margins",),
                                            ("rewards/chosen", "rewards/rejected"))
 

@@ -2,13 +2,13 @@
 
 Chosen and rejected go through the policy in one forward pass: either as 2B rows, or (``data.packing``)
 packed as one row per pair with restarting ``position_ids``. Reference log-probs come precomputed by
-Ray actors (default: workers never hold the reference) or from a frozen copy in each worker.
+Ray actors (default: workers never hold the reference) or from a frozen copy in each worker; with LoRA
+(``model.lora``) online, from the policy itself with its adapters disabled (the base it started from).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,9 @@ from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
 from zephyr_ray.train.curves import DPO_PANELS
+from zephyr_ray.train.frozen import FrozenModel, dtype_name, frozen_pass, load_frozen
 from zephyr_ray.train.launch import StageResult, run_stage
+from zephyr_ray.train.lora import without_adapters
 from zephyr_ray.train.losses import label_logits, preference_loss, sequence_logps
 
 if TYPE_CHECKING:
@@ -73,7 +75,8 @@ class DPOObjective:
     pad_id: int
     cfg: DPOConfig
     packing: bool
-    ref_model: Any = None  # online mode only
+    ref_model: Any = None  # online mode: a frozen copy
+    adapter_ref: bool = False  # online mode with LoRA: the policy itself with its adapters disabled
 
     def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
         return collate_pairs(batch, self.pad_id, self.packing)
@@ -84,12 +87,15 @@ class DPOObjective:
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["num_pairs"]
         logps, counts, logit_sums = forward_logps(model, batch)
-        if self.ref_model is not None:
+        if self.adapter_ref:
+            with without_adapters(model):
+                ref = forward_logps(model, batch)[0]
+        elif self.ref_model is not None:
             with torch.no_grad():
                 ref = forward_logps(self.ref_model, batch)[0]
-            ref_chosen, ref_rejected = ref[:n], ref[n:]
         else:
-            ref_chosen, ref_rejected = (batch[c].to(logps.device) for c in REF_COLUMNS)
+            ref = torch.cat([batch[c].to(logps.device) for c in REF_COLUMNS])
+        ref_chosen, ref_rejected = ref[:n], ref[n:]
         chosen, rejected = logps[:n], logps[n:]
         losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.cfg.beta,
                                                        loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing)
@@ -106,22 +112,22 @@ class DPOObjective:
         return loss, extras
 
 
-def _frozen(path: str, device: Any, dtype: torch.dtype, attn: str) -> Any:
-    from zephyr_ray.models import load_model
-
-    model = load_model(path, dtype=dtype, attn_implementation=attn).to(device).eval()
-    model.requires_grad_(False)
-    return model
-
-
 def _make_objective(cfg: DPORecipe, model_path: str, device: Any) -> DPOObjective:
     from zephyr_ray.data.tokenize import cached_tokenizer
 
-    ref = None
-    if cfg.dpo.ref.mode == "online":
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        ref = _frozen(cfg.dpo.ref.path or model_path, device, dtype, cfg.model.attn_implementation)
-    return DPOObjective(cached_tokenizer(model_path).pad_token_id, cfg.dpo, cfg.data.packing, ref)
+    ref, path, online = None, cfg.dpo.ref.path or model_path, cfg.dpo.ref.mode == "online"
+    # With LoRA the policy starts as the base model at model_path: that is the reference, adapters off.
+    adapter_ref = online and cfg.model.lora.enabled and path == model_path
+    if adapter_ref:
+        source = "the policy with its LoRA adapters disabled (no second model)"
+    elif online:
+        ref = load_frozen(path, device, getattr(torch, dtype_name(cfg.train.precision)), cfg.model.attn_implementation)
+        source = "a frozen copy in each worker"
+    else:
+        source = "log-probs precomputed by Ray actors"
+    if torch.distributed.get_rank() == 0:
+        log.info("dDPO reference: %s, %s", path, source)
+    return DPOObjective(cached_tokenizer(model_path).pad_token_id, cfg.dpo, cfg.data.packing, ref, adapter_ref)
 
 
 def dpo_train_loop(config: dict[str, Any]) -> None:
@@ -131,26 +137,20 @@ def dpo_train_loop(config: dict[str, Any]) -> None:
     run_worker(config, _make_objective, DPORecipe)
 
 
-class ReferenceLogps:
+class ReferenceLogps(FrozenModel):
     """Ray Data actor: the frozen reference model adding ``ref_chosen_logps``/``ref_rejected_logps``."""
 
     def __init__(self, path: str, pad_id: int, packing: bool, dtype: str, attn: str, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = _frozen(path, device, getattr(torch, dtype), attn)
+        super().__init__(path, dtype, attn, threads)
         self.pad_id, self.packing = pad_id, packing
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def columns(self, rows: dict[str, list]) -> dict[str, pa.Array]:
         import pyarrow as pa
 
-        tensors = collate_pairs(batch.to_pydict(), self.pad_id, self.packing)
+        tensors = collate_pairs(rows, self.pad_id, self.packing)
         n = tensors["num_pairs"]
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            logps = forward_logps(self.model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()})[0]
-        logps = logps.double().cpu().numpy()
-        return batch.append_column(REF_COLUMNS[0], pa.array(logps[:n])).append_column(REF_COLUMNS[1], pa.array(logps[n:]))
+        logps = forward_logps(self.model, self.on_device(tensors))[0].double().cpu().numpy()
+        return {REF_COLUMNS[0]: pa.array(logps[:n]), REF_COLUMNS[1]: pa.array(logps[n:])}
 
 
 def _reference_fingerprint(model_path: str, cfg: DPORecipe) -> dict[str, Any]:
@@ -162,40 +162,15 @@ def _reference_fingerprint(model_path: str, cfg: DPORecipe) -> dict[str, Any]:
 
 
 def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecipe) -> Any:
-    """Stream the pairs once through an actor pool hosting the reference; results go to Parquet under
-    ``out/ref_logps`` and training streams from there. ``_SUCCESS`` records what they were computed
-    from: a rerun reuses them only if that still holds, and a half-written folder is cleared first."""
-    import shutil
-    import time
-
-    import ray.data
-
+    """The pairs with the reference's log-probs, computed once by an actor pool hosting the reference and kept
+    under ``out/ref_logps`` (``frozen_pass``: reused by a rerun with the same settings)."""
     from zephyr_ray.data.tokenize import cached_tokenizer
 
-    target = out / "ref_logps"
-    done = target / "_SUCCESS"
-    fingerprint = _reference_fingerprint(model_path, cfg)
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-        log.info("reusing the reference log-probs in %s", target)
-    else:
-        if target.exists():
-            log.info("clearing %s (%s)", target, "other settings" if done.exists() else "an unfinished pass")
-            shutil.rmtree(target)
-        t0 = time.perf_counter()
-        ref = cfg.dpo.ref
-        dataset.map_batches(
-            ReferenceLogps, batch_size=ref.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
-            num_gpus=ref.num_gpus_per_actor, num_cpus=ref.num_cpus_per_actor,
-            fn_constructor_kwargs={"path": ref.path or model_path, "pad_id": cached_tokenizer(model_path).pad_token_id,
-                                   "packing": cfg.data.packing, "attn": cfg.model.attn_implementation,
-                                   "threads": ref.threads_per_actor,
-                                   "dtype": "bfloat16" if cfg.train.precision == "bf16" else "float32"},
-        ).write_parquet(str(target))
-        seconds = time.perf_counter() - t0
-        done.write_text(json.dumps({"seconds": round(seconds, 3), "fingerprint": fingerprint}))
-        log.info("reference log-probs precomputed in %.1f s", seconds)
-    return ray.data.read_parquet(str(target))
+    ref = cfg.dpo.ref
+    kwargs = {"path": ref.path or model_path, "pad_id": cached_tokenizer(model_path).pad_token_id,
+              "packing": cfg.data.packing, "attn": cfg.model.attn_implementation,
+              "dtype": dtype_name(cfg.train.precision)}
+    return frozen_pass(dataset, ReferenceLogps, kwargs, ref, out / "ref_logps", _reference_fingerprint(model_path, cfg))
 
 
 def run_dpo(cfg: DPORecipe) -> StageResult:

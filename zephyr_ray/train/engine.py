@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from zephyr_ray.config import DeepSpeedConfig, TrainConfig, resolve_path
+from zephyr_ray.config import DeepSpeedConfig, ModelConfig, TrainConfig, resolve_path
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
@@ -60,34 +60,46 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not biases or norms), as is standard for transformers."""
+    """Weight decay on matrices only (not biases or norms), as is standard for transformers. Empty groups are
+    left out (LoRA trains matrices only): ZeRO drops them, and the lr schedule must see the same groups."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions hide the real shape
             (decay if len(shape) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(model_path: str, train: TrainConfig, ds_cfg: dict[str, Any], total_steps: int,
-                 attn_implementation: str = "sdpa", model: Any = None) -> Any:
-    """A DeepSpeed engine around the model at ``model_path`` (or a given ``model``), with AdamW and the
-    configured schedule. Under ZeRO-3 the weights load straight into partitions (never whole per rank)."""
+                 model_cfg: ModelConfig | None = None, model: Any = None) -> Any:
+    """A DeepSpeed engine around the model at ``model_path`` (or a given ``model``; ``model_cfg``: attention,
+    revision, remote code, LoRA), with AdamW and the configured schedule. Under ZeRO-3 the weights load straight
+    into partitions (never whole per rank). With ``model_cfg.lora.enabled`` the model gets adapters first
+    (``train/lora.py``; ZeRO-3 partitions them at ``deepspeed.initialize``) and only they reach the optimizer."""
     import deepspeed
     import torch
     from transformers.integrations import HfDeepSpeedConfig
 
+    from zephyr_ray.train.lora import add_adapters, quantization_config
+
+    model_cfg = model_cfg or ModelConfig()
+    lora = model_cfg.lora
     deepspeed.init_distributed()  # adopts Ray Train's process group; HfDeepSpeedConfig needs the world size
     keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds_cfg)) if zero_stage(ds_cfg) == 3 else None  # noqa: F841
     if model is None:
         from zephyr_ray.models import load_model
 
         dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-        model = load_model(model_path, dtype=dtype, attn_implementation=attn_implementation)
+        model = load_model(model_path, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+                           revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                           quantization_config=quantization_config(lora, dtype))
     # Training never decodes; without a cache transformers honours packed position_ids.
     model.config.use_cache = False
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled:
+        model = add_adapters(model, lora, train.seed, train.gradient_checkpointing, model_cfg.revision)
     groups = param_groups(model, train.weight_decay)
     betas = (train.adam_beta1, train.adam_beta2)
     if "offload_optimizer" in ds_cfg.get("zero_optimization", {}):
@@ -105,13 +117,24 @@ def build_engine(model_path: str, train: TrainConfig, ds_cfg: dict[str, Any], to
 
 
 def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, is_rank0: bool) -> None:
-    """Write a ``save_pretrained`` folder (safetensors); ZeRO-3 shards are gathered first. All ranks call."""
+    """Write a ``save_pretrained`` folder (safetensors); ZeRO-3 shards are gathered first. All ranks call.
+    With LoRA only the adapters are kept, and the folder holds them merged into the base
+    (``lora.save_merged``; the adapters alone in ``adapter/``)."""
+    import torch
+
+    from zephyr_ray.train.lora import peft_model, save_merged
+
+    lora = peft_model(engine) is not None
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
+        # collective; the full dict (LoRA: the adapters) lands on rank 0
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
     else:
-        state = engine.module.state_dict() if is_rank0 else None
+        state = engine.module_state_dict(exclude_frozen_parameters=lora) if is_rank0 else None
     if is_rank0:
         module = engine.module
-        module.config.use_cache = True
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        if lora:
+            save_merged(module, state, out_dir, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+        else:
+            module.config.use_cache = True
+            module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

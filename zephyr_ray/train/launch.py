@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from zephyr_ray.cluster import ensure_ray, open_run
-from zephyr_ray.config import SFTRecipe, resolve_path, to_dict
+from zephyr_ray.config import TrainingRecipe, resolve_path, to_dict
 from zephyr_ray.train.loop import StepPlan, extensions_cache
 
 log = logging.getLogger(__name__)
 
 
-def plan_steps(train_rows: int, world: int, cfg: SFTRecipe) -> tuple[StepPlan, int]:
+def plan_steps(train_rows: int, world: int, cfg: TrainingRecipe) -> tuple[StepPlan, int]:
     """Steps per run from the planned row count. Returns the plan and the rows an equal split drops."""
     per_worker = train_rows // world
     if per_worker == 0:
@@ -30,7 +30,7 @@ def plan_steps(train_rows: int, world: int, cfg: SFTRecipe) -> tuple[StepPlan, i
     return StepPlan(total_steps=total, micro_batches_per_epoch=micro), train_rows - per_worker * world
 
 
-def fit(train_fn: Callable[[dict[str, Any]], None], cfg: SFTRecipe, dataset: Any, model_path: str, plan: StepPlan) -> Any:
+def fit(train_fn: Callable[[dict[str, Any]], None], cfg: TrainingRecipe, dataset: Any, model_path: str, plan: StepPlan) -> Any:
     """Run ``train_fn`` on ``cfg.scaling`` workers, streaming ``dataset`` into them (order preserved, so a
     restart sees the same shard order and can skip exactly what it had trained on)."""
     from ray.data import ExecutionOptions
@@ -67,7 +67,7 @@ class StageResult:
     chat_template: str = ""
 
 
-def run_stage(cfg: SFTRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
+def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
               curves: Sequence[Sequence[str]], prepare: Callable[[Any, str, Path], Any] | None = None) -> StageResult:
     """A training stage end to end: resolve the model, plan the data on the cluster (validating every
     row), optionally ``prepare`` the stream (e.g. add reference log-probs), train, export, plot ``curves``

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from zephyr_ray.config import SFTRecipe
+from zephyr_ray.config import TrainingRecipe
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"
@@ -66,12 +66,19 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _has_frozen(engine: Any) -> bool:
+    """LoRA freezes the base. Checkpoints leave frozen weights out (a 7B base would be written at every
+    checkpoint, twice under ZeRO-2): a restart loads them from the model folder, as the first start did."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any]) -> None:
     """Every rank writes its DeepSpeed shards and reports; Ray Train merges them into one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=DS_TAG, client_state={"trainer_state": asdict(state)})
+        engine.save_checkpoint(d, tag=DS_TAG, client_state={"trainer_state": asdict(state)},
+                               exclude_frozen_parameters=_has_frozen(engine))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -82,11 +89,11 @@ def restore_checkpoint(engine: Any) -> TrainerState | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        _, client = engine.load_checkpoint(d, tag=DS_TAG)
+        _, client = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not _has_frozen(engine))
     return TrainerState(**client["trainer_state"])
 
 
-def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: SFTRecipe, plan: StepPlan, state: TrainerState,
+def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: TrainingRecipe, plan: StepPlan, state: TrainerState,
                  resumed: bool, logger: Any, trace: Path | None) -> TrainerState:
     """Run optimizer steps until ``plan.total_steps`` or the data's end, checkpointing as configured."""
     tc = cfg.train
@@ -179,7 +186,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any],
         torch.set_num_threads(cfg.scaling.threads_per_worker)
     out = Path(cfg.run.output_dir)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
-    engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model.attn_implementation)
+    engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model)
     engine.train()
     objective = make_objective(cfg, model_path, engine.device)
     restored = restore_checkpoint(engine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,14 @@ def _forward_params(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
+def _hf_class(model: Any) -> type:
+    """The transformers class under DeepSpeed's engine (``.module``) and peft's LoRA wrapper (whose
+    ``forward(**kwargs)`` would hide what the model takes)."""
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)  # peft only
+    return type(get_base() if get_base is not None else model)
+
+
 def packed_inputs(model: Any, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """How a model is told where packed sequences start: the one place that knows families differ.
 
@@ -36,7 +45,7 @@ def packed_inputs(model: Any, position_ids: torch.Tensor, dtype: torch.dtype) ->
     attention path accepts as already prepared. ALiBi's bias is relative, so it needs nothing more.
     A family with neither cannot train packed rows: that is a ``ConfigError`` naming it.
     """
-    params = _forward_params(type(getattr(model, "module", model)))  # DeepSpeed wraps the HF model
+    params = _forward_params(_hf_class(model))
     if "position_ids" in params:
         return {"position_ids": position_ids}
     if not bool((position_ids[:, 1:] == 0).any()):
@@ -74,7 +83,7 @@ def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     valid = target != IGNORE_INDEX
     keep = F.pad(valid, (0, 1))  # position t predicts t + 1; the last position predicts nothing
     inputs = packed_inputs(model, batch["position_ids"], next(model.parameters()).dtype)
-    if "logits_to_keep" in _forward_params(type(getattr(model, "module", model))):
+    if "logits_to_keep" in _forward_params(_hf_class(model)):
         inputs["logits_to_keep"] = keep
     logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
     if logits.shape[:2] == keep.shape:  # a model without logits_to_keep (older remote code): select here
@@ -120,3 +129,67 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or hinge")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# Distillation compares next-token distributions on the teacher's top-k tokens plus one bucket holding the rest
+# of the vocabulary, for teacher and student alike (a coarsening of both distributions, not a renormalisation):
+# the divergences are then exactly 0 when the student equals the teacher, never exceed their full-vocabulary
+# values (data processing), equal them when k covers the vocabulary, and the teacher is not made to look more
+# confident than it is. The rest bucket's mass is floored here so its log stays finite when the top-k hold it all.
+MIN_REST_MASS = 1e-6
+
+
+def teacher_topk(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next tokens at ``temperature``: their log-probs (fp32) and ids, most likely first."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+
+
+def with_rest(logps: torch.Tensor) -> torch.Tensor:
+    """(N, k) log-probs of k tokens → (N, k + 1), the last column being the log of the mass left to the others."""
+    rest = -torch.expm1(torch.logsumexp(logps, dim=-1, keepdim=True))
+    return torch.cat([logps, rest.clamp(min=MIN_REST_MASS).log()], dim=-1)
+
+
+def topk_buckets(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logps: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the teacher's top-k ids plus the rest bucket, both at ``temperature``:
+    the student's over its full vocabulary (so mass outside the top-k counts against it), then gathered."""
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    return with_rest(teacher_logps.float()), with_rest(student)
+
+
+def kl_div(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probs over the same buckets."""
+    return (p_logps.exp() * (p_logps - q_logps)).sum(-1)
+
+
+def divergence(teacher: torch.Tensor, student: torch.Tensor, loss: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence of ``loss`` between bucketed log-probs (``topk_buckets``).
+
+    forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: GKD's generalized Jensen-Shannon
+    divergence (Agarwal et al., 2024, eq. 1) beta·KL(teacher || m) + (1-beta)·KL(student || m) with the mixture
+    m = beta·teacher + (1-beta)·student; beta 0 and 1 are forward and reverse KL (the limits of JSD/beta and
+    JSD/(1-beta)), as in TRL's ``GKDTrainer.generalized_jsd_loss``, whose convention this follows.
+    """
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0):
+        return kl_div(teacher, student)
+    if loss == "reverse_kl" or (loss == "jsd" and beta == 1):
+        return kl_div(student, teacher)
+    if loss != "jsd":
+        raise ValueError(f"unknown distillation loss {loss!r}; expected forward_kl, reverse_kl or jsd")
+    mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log1p(-beta)]), dim=0)
+    return beta * kl_div(teacher, mixture) + (1 - beta) * kl_div(student, mixture)
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_ids: torch.Tensor,
+                      teacher_logps: torch.Tensor, *, loss: str, beta: float, temperature: float, alpha: float
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(1 - alpha)·NLL + alpha·T²·divergence, summed over the selected positions (the T² keeps the gradient's
+    size independent of the temperature, Hinton et al., 2015), and summed metrics: ``nll``,
+    ``distill/divergence`` (the configured one) and ``distill/kl`` (forward KL, the same measure for every loss)."""
+    nll = token_nll_sum(logits, targets)
+    teacher, student = topk_buckets(logits, teacher_ids, teacher_logps, temperature)
+    div = divergence(teacher, student, loss, beta).sum()
+    total = (1 - alpha) * nll + alpha * temperature**2 * div
+    return total, {"nll": nll.detach(), "distill/divergence": div.detach(),
+                   "distill/kl": kl_div(teacher, student).detach().sum()}

@@ -31,15 +31,31 @@ class SFTObjective:
         return token_nll_sum(logits, targets), {}
 
 
+def _make_objective(cfg: SFTRecipe, model_path: str, device: Any) -> SFTObjective:
+    from zephyr_ray.data.tokenize import cached_tokenizer
+
+    pad_id = cached_tokenizer(model_path).pad_token_id
+    if cfg.distill.enabled:
+        from zephyr_ray.train.distill import DistillObjective
+
+        return DistillObjective(pad_id, cfg.distill)
+    return SFTObjective(pad_id)
+
+
 def sft_train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the dSFT TorchTrainer."""
-    from zephyr_ray.data.tokenize import cached_tokenizer
     from zephyr_ray.train.loop import run_worker
 
-    run_worker(config, lambda cfg, path, device: SFTObjective(cached_tokenizer(path).pad_token_id), SFTRecipe)
+    run_worker(config, _make_objective, SFTRecipe)
 
 
 def run_sft(cfg: SFTRecipe) -> StageResult:
     from zephyr_ray.data.sft import sft_examples, sft_schema
 
-    return run_stage(cfg, examples=sft_examples, schema=sft_schema(), train_fn=sft_train_loop, curves=SFT_PANELS)
+    prepare = None
+    if cfg.distill.enabled:  # the teacher's top-k join the rows; its tokenizer is checked first, here
+        from zephyr_ray.train.distill import teacher_prepare
+
+        prepare = teacher_prepare(cfg)
+    return run_stage(cfg, examples=sft_examples, schema=sft_schema(), train_fn=sft_train_loop, curves=SFT_PANELS,
+                     prepare=prepare)

@@ -1,0 +1,90 @@
+"""Frozen models next to training: a model loaded for inference only, and one pass of a stage's rows through
+it in a Ray Data actor pool that adds columns and keeps them as Parquet in the run folder.
+
+dDPO's reference log-probs and dSFT's distillation teacher both run this way, so the training workers never
+hold the frozen model, and a rerun with the same settings reads the stored pass instead of redoing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from zephyr_ray.config import ActorPoolConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+
+def load_frozen(path: str, device: Any, dtype: torch.dtype, attn: str) -> Any:
+    """The model at ``path`` in eval mode with gradients off."""
+    from zephyr_ray.models import load_model
+
+    model = load_model(path, dtype=dtype, attn_implementation=attn).to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def dtype_name(precision: str) -> str:
+    """The torch dtype a frozen model runs in for ``train.precision`` (so it matches the trained model)."""
+    return "bfloat16" if precision == "bf16" else "float32"
+
+
+class FrozenModel:
+    """Ray Data actor holding a frozen model; a subclass's ``columns`` says what a batch of rows gets."""
+
+    def __init__(self, path: str, dtype: str, attn: str, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_frozen(path, self.device, getattr(torch, dtype), attn)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        with torch.no_grad():
+            columns = self.columns(batch.to_pydict())
+        for name, values in columns.items():
+            batch = batch.append_column(name, values)
+        return batch
+
+    def columns(self, rows: dict[str, list]) -> dict[str, pa.Array]:
+        raise NotImplementedError
+
+    def on_device(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+
+
+def frozen_pass(dataset: ray.data.Dataset, actor: type[FrozenModel], kwargs: dict[str, Any], pool: ActorPoolConfig,
+                target: Path, fingerprint: dict[str, Any]) -> ray.data.Dataset:
+    """``dataset`` with ``actor``'s columns, streamed once through ``pool`` and written to Parquet at ``target``;
+    training then streams from there. ``target/_SUCCESS`` records ``fingerprint`` (everything the columns depend
+    on) and the pass's seconds: a rerun reuses the folder only if the fingerprint still matches, and a
+    half-written folder is cleared first."""
+    import ray.data
+
+    done = target / "_SUCCESS"
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        log.info("reusing %s", target)
+    else:
+        if target.exists():
+            log.info("clearing %s (%s)", target, "other settings" if done.exists() else "an unfinished pass")
+            shutil.rmtree(target)
+        t0 = time.perf_counter()
+        dataset.map_batches(
+            actor, batch_size=pool.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+            num_gpus=pool.num_gpus_per_actor, num_cpus=pool.num_cpus_per_actor,
+            fn_constructor_kwargs={**kwargs, "threads": pool.threads_per_actor},
+        ).write_parquet(str(target))
+        seconds = time.perf_counter() - t0
+        done.write_text(json.dumps({"seconds": round(seconds, 3), "fingerprint": fingerprint}))
+        log.info("%s written in %.1f s", target, seconds)
+    return ray.data.read_parquet(str(target))
