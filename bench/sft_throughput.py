@@ -36,6 +36,8 @@ Configurations (``--ours``, ``--trl``; global batch = ``--global-batch`` packed 
 * ours-2w: configs/tiny/sft.yaml as shipped (2 Ray Train workers x 0.5 CPU, ZeRO-2, micro-batch = batch / 2);
 * ours-1w: 1 worker x 0.5 CPU (Ray then exports OMP_NUM_THREADS=1, so torch uses one core);
 * ours-1w-omp2: 1 worker, OMP_NUM_THREADS=2 exported before ``ray.init`` (Ray keeps a value it finds);
+* ours-2w-mb1: ours-2w with one packed row per forward and gradient accumulation to the same batch (families whose
+  attention materialises its mask, Falcon and MPT, run faster on small micro-batches);
 * trl-bs: per_device_train_batch_size = batch: TRL's bfd packing is padding-free and flattens the batch into one
   row of ~batch x max_length tokens (SDPA then computes a (batch x max_length)^2 masked attention);
 * trl-bs1-gas: per_device_train_batch_size = 1, gradient_accumulation_steps = batch (one packed row per forward).
@@ -88,8 +90,9 @@ SHARED_DATA = SHARED_DATA_DIR / "sft_gpt4_teacher.jsonl"
 SAMPLE_DATA = ROOT / "data" / "sample" / "sft.jsonl"
 DEFAULT_OUT = ROOT / "bench" / "results" / "sft_throughput.json"
 
-# What each side is run as. "ours" entries are Ray Train worker layouts (global batch is kept the same by
-# micro_batch_size = global_batch / num_workers); "trl" entries are SFTTrainer batch layouts.
+# What each side is run as. "ours" entries are Ray Train worker layouts (global batch is kept the same: each worker
+# takes global_batch / num_workers rows a step, in one micro-batch or, with "micro_batch", accumulated); "trl"
+# entries are SFTTrainer batch layouts.
 OURS_CONFIGS = {
     # configs/tiny/sft.yaml as shipped: 2 workers x 0.5 CPU (Ray gives each OMP_NUM_THREADS=1), ZeRO-2.
     "ours-2w": {"num_workers": 2, "cpus_per_worker": 0.5, "deepspeed": "zero2.json", "env": {}},
@@ -102,6 +105,8 @@ OURS_CONFIGS = {
         "deepspeed": "zero2.json",
         "env": {"OMP_NUM_THREADS": "2"},
     },
+    # ours-2w with micro-batches of one packed row, accumulated to the same global batch.
+    "ours-2w-mb1": {"num_workers": 2, "cpus_per_worker": 0.5, "deepspeed": "zero2.json", "env": {}, "micro_batch": 1},
 }
 TRL_CONFIGS = {
     # per_device_train_batch_size = global batch: TRL's bfd packing is padding-free, so the collator flattens the
@@ -133,7 +138,7 @@ def side_ours(spec: dict) -> dict:
         f"data.max_length={spec['max_length']}",
         "data.packing=true",
         f"train.micro_batch_size={spec['micro_batch_size']}",
-        "train.gradient_accumulation_steps=1",
+        f"train.gradient_accumulation_steps={spec['gas']}",
         f"train.max_steps={spec['total_steps']}",
         f"train.epochs={spec['epochs']}",
         "train.precision=fp32",
@@ -314,7 +319,11 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
         oc = OURS_CONFIGS[name]
         if a.global_batch % oc["num_workers"]:
             raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
-        spec = {"side": "ours", "name": name, **common, "micro_batch_size": a.global_batch // oc["num_workers"],
+        per_worker = a.global_batch // oc["num_workers"]
+        micro = oc.get("micro_batch", per_worker)
+        if per_worker % micro:
+            raise SystemExit(f"{name}: {per_worker} rows per worker do not split into micro-batches of {micro}")
+        spec = {"side": "ours", "name": name, **common, "micro_batch_size": micro, "gas": per_worker // micro,
                 "num_workers": oc["num_workers"], "cpus_per_worker": oc["cpus_per_worker"],
                 "deepspeed": oc["deepspeed"], "epochs": epochs, "output_dir": str(work / name)}
         specs.append((spec, oc["env"]))

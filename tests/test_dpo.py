@@ -154,8 +154,9 @@ def test_realistic_gpt4_preferences_train_a_few_steps(ray_cluster, tiny_model, t
     from zephyr_ray.train.dpo import run_dpo
 
     path = shared_file("alpaca_eval", "gpt4_preferences.jsonl")
+    # Online reference: every row is validated and tokenized, but 3 steps do not need a pass over all 802 pairs.
     result = run_dpo(_cfg(tmp_path, tiny_model, f"data.path={path}", "train.max_steps=3", "data.max_length=512",
-                          "dpo.max_prompt_length=256", "data.on_bad_row=skip"))
+                          "dpo.max_prompt_length=256", "data.on_bad_row=skip", "dpo.ref.mode=online"))
     report = json.loads((result.output_dir / "data_report.json").read_text())
     assert report["rows"] == 802 and report["used"] + sum(report["skipped"].values()) == 802
     metrics = read_metrics(result.output_dir)

@@ -282,7 +282,10 @@ ONE_WORKER = ["wandb.enabled=false", "scaling.num_workers=1", "train.max_steps=2
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mpt", "falcon", "gemma"])
+# One family through Ray + DeepSpeed (the suite's time budget): MPT, the one whose packed rows need the explicit
+# block mask, given a base tokenizer without a chat template (as MPT-7B's and Falcon-7B's), which gets Zephyr's.
+# The other families' per-token losses, log-probs and generation are checked in-process above.
+@pytest.mark.parametrize("arch", ["mpt"])
 def test_family_runs_the_real_sft_then_dpo_stages(ray_cluster, family_data, family_dir, arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -291,10 +294,7 @@ def test_family_runs_the_real_sft_then_dpo_stages(ray_cluster, family_data, fami
     from zephyr_ray.train.sft import run_sft
 
     sft_data, pref_data = family_data
-    if arch == "falcon":  # as Falcon-7B: a base tokenizer with no chat template, which gets Zephyr's
-        base, template = [f"model.path={_with_template(family_dir(arch), tmp_path / 'base', None)}"], TEMPLATE_ZEPHYR
-    else:  # model.path empty: the stage builds the tiny model of model.tiny_arch itself
-        base, template = ["model.path=null", f"model.tiny_arch={arch}"], TEMPLATE_OWN
+    base, template = [f"model.path={_with_template(family_dir(arch), tmp_path / 'base', None)}"], TEMPLATE_ZEPHYR
     sft = run_sft(load_config(ROOT / "configs/tiny/sft.yaml",
                               [*base, f"run.output_dir={tmp_path / 'sft'}", f"data.path={sft_data}", *ONE_WORKER],
                               SFTRecipe))
