@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "leaderboard"]:  # the leaderboard is an evaluation: `zephyr-ray eval leaderboard` works too
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
