@@ -43,6 +43,18 @@ def _expected_labels(tokenizer, messages):
     return enc["input_ids"], labels, spans, text
 
 
+def _labelled_runs(out):
+    """The maximal runs of labelled tokens."""
+    runs, run = [], []
+    for tok, lab in zip(out["input_ids"], out["labels"]):
+        if lab != IGNORE_INDEX:
+            run.append(tok)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + [run] if run else runs
+
+
 @pytest.mark.parametrize("messages", DIALOGUES, ids=["system-code-unicode", "spaces", "three-turns"])
 def test_labels_token_by_token(tokenizer, messages):
     out = tokenize_messages(tokenizer, messages)
@@ -51,15 +63,7 @@ def test_labels_token_by_token(tokenizer, messages):
     assert out["input_ids"] == ids
     assert out["labels"] == labels
     # Each maximal labelled run decodes to exactly one assistant turn's content + EOS.
-    runs, run = [], []
-    for tok, lab in zip(out["input_ids"], out["labels"]):
-        if lab != IGNORE_INDEX:
-            run.append(tok)
-        elif run:
-            runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
+    runs = _labelled_runs(out)
     assistant = [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
     assert [tokenizer.decode(r) for r in runs] == assistant
     assert [text[s:e] for s, e in spans] == assistant
@@ -94,17 +98,6 @@ def _with_template(tokenizer, template):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = template
     return tok
-
-
-def _labelled_runs(out):
-    runs, run = [], []
-    for tok, lab in zip(out["input_ids"], out["labels"]):
-        if lab != IGNORE_INDEX:
-            run.append(tok)
-        elif run:
-            runs.append(run)
-            run = []
-    return runs + [run] if run else runs
 
 
 @pytest.mark.parametrize(("template", "end"), [(CHATML, "<|im_end|>"), (GEMMA, "<end_of_turn>")], ids=["chatml", "gemma"])
