@@ -85,6 +85,19 @@ def test_run_dirs_are_fresh_and_the_manifest_round_trips(tmp_path):
         pipeline.Manifest.load(tmp_path / "nothing")
 
 
+def test_a_stage_run_dir_given_relative_becomes_absolute(tmp_path, monkeypatch):
+    """Stage commands (`zephyr-ray sft --config ...`) take run.output_dir relative to where they start; the Ray
+    workers, which run elsewhere, must get it absolute."""
+    from zephyr_ray.cluster import open_run
+    from zephyr_ray.config import SFTRecipe
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs/tiny/sft.yaml", ["run.output_dir=runs/x"], SFTRecipe)
+    out = open_run(cfg)
+    assert out == tmp_path / "runs" / "x" and out.is_dir() and cfg.run.output_dir == str(out)
+    assert json.loads((out / "config.json").read_text())["run"]["output_dir"] == str(out)
+
+
 def test_summary_table_prints_every_number_and_marks_missing_ones():
     summary = {"run_id": "r1", "run_dir": "/runs/r1", "seconds": {"sft": 61.2, "aif": None},
                "sft": {"steps": 40, "loss": 1.23456},

@@ -38,8 +38,11 @@ def free_port() -> int:
 
 
 def open_run(cfg: Any) -> Path:
-    """``cfg.run.output_dir``, created, with the resolved config written to ``config.json``."""
-    out = Path(cfg.run.output_dir)
+    """``cfg.run.output_dir``, made absolute in ``cfg`` (Ray workers run in another directory, so a relative
+    path would send their metrics, checkpoints and exported model there), created, with the resolved config
+    written to ``config.json``."""
+    out = Path(cfg.run.output_dir).absolute()
+    cfg.run.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return out
