@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,28 @@ class OfflineRun:
         return {k for step in self.history for k in step}
 
 
-def read_offline_run(out_dir: str | Path) -> OfflineRun:
-    """The single offline run W&B wrote under ``out_dir/wandb``."""
+def read_offline_run(out_dir: str | Path, wait_s: float = 15.0) -> OfflineRun:
+    """The single offline run W&B wrote under ``out_dir/wandb``. W&B's service process writes the file; under
+    load it may still be flushing it after ``finish()`` returned (seen once in the suite: no run record yet), so
+    an incomplete file is read again until ``wait_s``."""
     files = sorted(Path(out_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline W&B run under {out_dir}/wandb, found {files}"
-    run = OfflineRun(files[0])
-    for record in read_records(files[0]):
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = _parse(files[0])
+        except AssertionError:  # a record cut mid-write
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if run.run_id or time.monotonic() > deadline:
+                return run
+        time.sleep(0.5)
+
+
+def _parse(path: Path) -> OfflineRun:
+    run = OfflineRun(path)
+    for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
