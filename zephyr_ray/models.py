@@ -29,6 +29,9 @@ ZEPHYR_CHAT_TEMPLATE = (
 )
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
+# torch dtype name of each precision setting (train.precision, engine.precision), for every loader.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 TINY_VOCAB = 2048
 TINY_MAX_POSITIONS = 4096
 # The tiny model of every supported base-model family: the family's own config class, same budget

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.config import EngineConfig, LeaderboardRecipe, LeaderboardTaskConfig, resolve_path, to_dict
+from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.rows import parse_row, row_ref
 from zephyr_ray.data.schema import BadRowError, RowProblem
 from zephyr_ray.eval import leaderboard as lb
@@ -37,7 +38,7 @@ from zephyr_ray.eval.inputs import read_input_rows
 from zephyr_ray.eval.mt_bench import digest
 from zephyr_ray.eval.run import check_name
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
-from zephyr_ray.models import tiny_label
+from zephyr_ray.models import DTYPES, tiny_label
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -211,20 +212,14 @@ def _native_model(engine: EngineConfig, tasks: list[TaskData], units: list[dict[
             details.append({"doc": u["doc"], "gold": doc.gold, "labels": doc.labels, "lls": row["lls"],
                             "greedy": row["greedy"], "context_tokens": row["context_tokens"], **m})
         by_task[t.name] = lb.aggregate(per_doc, t.metric, t.num_fewshot)
-        _write_jsonl(out / "details" / engine.name / f"{t.name}.jsonl", details)
+        write_jsonl(details, out / "details" / engine.name / f"{t.name}.jsonl")
     return by_task
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------------
 # lm-evaluation-harness
 # ---------------------------------------------------------------------------------------------------
 
-_LM_EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _doc(row: dict[str, Any]) -> lb.Doc:
@@ -257,7 +252,7 @@ def local_task_spec(td: TaskData, folder: Path) -> dict[str, Any]:
     for split, docs in (("test", td.docs), ("fewshot", td.pool)):
         if docs:
             files[split] = str(folder / t.name / f"{split}.jsonl")
-            _write_jsonl(Path(files[split]), [dataclasses.asdict(d) for d in docs])
+            write_jsonl((dataclasses.asdict(d) for d in docs), files[split])
     return {"name": t.name, "format": t.format, "labels": all(d.labels is not None for d in td.docs),
             "description": t.description, "data_files": files}
 
@@ -293,7 +288,7 @@ def _lm_eval_task(path: str, engine: dict[str, Any], task: str | dict[str, Any],
     lm_eval = import_lm_eval()
     if engine.get("threads_per_actor"):
         torch.set_num_threads(engine["threads_per_actor"])
-    args = f"pretrained={path},dtype={_LM_EVAL_DTYPES[engine['precision']]}"
+    args = f"pretrained={path},dtype={DTYPES[engine['precision']]}"
     if engine.get("revision"):
         args += f",revision={engine['revision']}"
     if engine.get("trust_remote_code"):
@@ -332,7 +327,7 @@ def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe, tasks: list[Tas
         r.update({"value": r[t.metric], "stderr": r[f"{t.metric}_stderr"], "n": got["n"],
                   "num_fewshot": t.num_fewshot})
         by_task[t.name] = r
-        _write_jsonl(out / "details" / engine.name / f"{t.name}.jsonl", got["details"])
+        write_jsonl(got["details"], out / "details" / engine.name / f"{t.name}.jsonl")
     return by_task
 
 

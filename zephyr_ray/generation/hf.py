@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
     from zephyr_ray.config import EngineConfig
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -147,7 +146,7 @@ class HFEngine:
     def __init__(self, cfg: EngineConfig, path: str, model: Any = None, tokenizer: Any = None):
         import torch
 
-        from zephyr_ray.models import load_model, load_tokenizer
+        from zephyr_ray.models import DTYPES, load_model, load_tokenizer
 
         self.cfg = cfg
         self.path = path

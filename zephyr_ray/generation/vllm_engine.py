@@ -17,7 +17,6 @@ from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 if TYPE_CHECKING:
     from zephyr_ray.config import EngineConfig
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MISSING = ("the vllm backend needs the `vllm` package, which is not installed: pip install 'zephyr-ray[gpu]' "
            "(Linux with a CUDA GPU), or set engine.backend=transformers")
 
@@ -35,7 +34,7 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig, path: str):
         vllm = import_vllm()
-        from zephyr_ray.models import load_tokenizer
+        from zephyr_ray.models import DTYPES, load_tokenizer
 
         self.cfg = cfg
         self._vllm = vllm

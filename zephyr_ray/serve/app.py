@@ -333,7 +333,7 @@ def use_serve_llm(cfg: ServeRecipe) -> bool:
 
 def llm_config(cfg: ServeRecipe) -> dict[str, Any]:
     """The ``ray.serve.llm.LLMConfig`` (as a dict) equivalent to ``cfg`` for the vllm backend."""
-    from zephyr_ray.generation.vllm_engine import DTYPES
+    from zephyr_ray.models import DTYPES
 
     e, s = cfg.engine, cfg.serve
     engine_kwargs: dict[str, Any] = {"dtype": DTYPES[e.precision], "tensor_parallel_size": e.tensor_parallel_size,

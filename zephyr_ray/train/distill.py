@@ -18,7 +18,8 @@ import torch
 
 from zephyr_ray.config import ConfigError, DistillConfig, SFTRecipe
 from zephyr_ray.data.packing import collate
-from zephyr_ray.train.frozen import FrozenModel, dtype_name, frozen_pass
+from zephyr_ray.models import DTYPES
+from zephyr_ray.train.frozen import FrozenModel, frozen_pass
 from zephyr_ray.train.losses import distillation_loss, label_logits, teacher_topk
 from zephyr_ray.train.sft import SFTObjective
 
@@ -100,7 +101,7 @@ def add_teacher_topk(dataset: Any, model_path: str, out: Path, *, teacher: str, 
 
     d = cfg.distill
     kwargs = {"path": teacher, "pad_id": cached_tokenizer(model_path).pad_token_id, "top_k": d.top_k,
-              "temperature": d.temperature, "dtype": dtype_name(cfg.train.precision),
+              "temperature": d.temperature, "dtype": DTYPES[cfg.train.precision],
               "attn": cfg.model.attn_implementation}
     fingerprint = {"teacher": teacher, "student": model_path, "data": to_dict(cfg.data), "top_k": d.top_k,
                    "temperature": d.temperature, "precision": cfg.train.precision, "attn": cfg.model.attn_implementation}

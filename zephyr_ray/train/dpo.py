@@ -20,8 +20,9 @@ import torch
 from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
+from zephyr_ray.models import DTYPES
 from zephyr_ray.train.curves import DPO_PANELS
-from zephyr_ray.train.frozen import FrozenModel, dtype_name, frozen_pass, load_frozen
+from zephyr_ray.train.frozen import FrozenModel, frozen_pass, load_frozen
 from zephyr_ray.train.launch import StageResult, run_stage
 from zephyr_ray.train.lora import without_adapters
 from zephyr_ray.train.losses import label_logits, preference_loss, sequence_logps
@@ -121,7 +122,7 @@ def _make_objective(cfg: DPORecipe, model_path: str, device: Any) -> DPOObjectiv
     if adapter_ref:
         source = "the policy with its LoRA adapters disabled (no second model)"
     elif online:
-        ref = load_frozen(path, device, getattr(torch, dtype_name(cfg.train.precision)), cfg.model.attn_implementation)
+        ref = load_frozen(path, device, getattr(torch, DTYPES[cfg.train.precision]), cfg.model.attn_implementation)
         source = "a frozen copy in each worker"
     else:
         source = "log-probs precomputed by Ray actors"
@@ -169,7 +170,7 @@ def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecip
     ref = cfg.dpo.ref
     kwargs = {"path": ref.path or model_path, "pad_id": cached_tokenizer(model_path).pad_token_id,
               "packing": cfg.data.packing, "attn": cfg.model.attn_implementation,
-              "dtype": dtype_name(cfg.train.precision)}
+              "dtype": DTYPES[cfg.train.precision]}
     return frozen_pass(dataset, ReferenceLogps, kwargs, ref, out / "ref_logps", _reference_fingerprint(model_path, cfg))
 
 

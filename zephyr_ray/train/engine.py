@@ -88,9 +88,9 @@ def build_engine(model_path: str, train: TrainConfig, ds_cfg: dict[str, Any], to
     deepspeed.init_distributed()  # adopts Ray Train's process group; HfDeepSpeedConfig needs the world size
     keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds_cfg)) if zero_stage(ds_cfg) == 3 else None  # noqa: F841
     if model is None:
-        from zephyr_ray.models import load_model
+        from zephyr_ray.models import DTYPES, load_model
 
-        dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+        dtype = getattr(torch, DTYPES[train.precision])
         model = load_model(model_path, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
                            revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                            quantization_config=quantization_config(lora, dtype))

@@ -34,11 +34,6 @@ def load_frozen(path: str, device: Any, dtype: torch.dtype, attn: str) -> Any:
     return model
 
 
-def dtype_name(precision: str) -> str:
-    """The torch dtype a frozen model runs in for ``train.precision`` (so it matches the trained model)."""
-    return "bfloat16" if precision == "bf16" else "float32"
-
-
 class FrozenModel:
     """Ray Data actor holding a frozen model; a subclass's ``columns`` says what a batch of rows gets."""
 
