@@ -19,8 +19,10 @@ Configurations, each in a fresh subprocess (``--ours``, ``--trl``):
 * ours-2w: configs/tiny/dpo.yaml as shipped through the real entry point ``run_dpo`` with overrides: ``dpo.ref.mode
   precompute`` (one ``ReferenceLogps`` Ray actor x 0.5 CPU streams the pairs once and writes ``ref_logps`` Parquet;
   the training workers never hold the reference), 2 Ray Train workers x 0.5 CPU (Ray exports OMP_NUM_THREADS=1 to
-  each), ZeRO-2, micro-batch = batch / 2, ``data.packing`` false (chosen and rejected as two padded rows);
-* ours-2w-packed: ours-2w with each pair packed into one row (``data.packing=true``);
+  each), ZeRO-2, micro-batch = batch / 2, ``data.packing`` true: padding-free, a micro-batch's chosen and rejected
+  sequences concatenated in one row, each attending only to itself (``zephyr_ray.attention.sdpa_varlen``: one causal
+  SDPA call per sequence, no mask);
+* ours-2w-padded: ours-2w with chosen and rejected as two padded rows per pair (``data.packing=false``, TRL's layout);
 * ours-1w: 1 worker x 0.5 CPU (one torch thread), micro-batch = batch;
 * ours-1w-omp2: 1 worker, OMP_NUM_THREADS=2 exported before ``ray.init`` (Ray keeps it; the reference actor gets
   it too), so torch uses both cores;
@@ -108,9 +110,9 @@ OURS_CONFIGS = {
     "ours-1w": {"num_workers": 1, "cpus_per_worker": 0.5, "env": {}},
     # 1 worker, OMP_NUM_THREADS=2 exported before ray.init (Ray keeps a value it finds): torch uses both cores.
     "ours-1w-omp2": {"num_workers": 1, "cpus_per_worker": 0.5, "env": {"OMP_NUM_THREADS": "2"}},
-    # ours-2w with each pair packed into one row instead of two padded rows: on CPU the packed row's attention is
-    # one (2L)^2 masked block, twice the work of two L^2 rows at long lengths.
-    "ours-2w-packed": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}, "overrides": ["data.packing=true"]},
+    # ours-2w with chosen and rejected as two padded rows per pair (TRL's layout) instead of the shipped
+    # padding-free row (data.packing=true: a micro-batch's sequences in one row, attention.sdpa_varlen).
+    "ours-2w-padded": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}, "overrides": ["data.packing=false"]},
     # ours-2w grouping by length over the whole 512-pair set, as trl-precompute-grouped's LengthGroupedSampler
     # does (its mega-batch is 50 x 16 pairs); the shipped config groups within windows of 64 pairs.
     "ours-2w-window512": {"num_workers": 2, "cpus_per_worker": 0.5, "env": {}, "overrides": ["data.pack_window=512"]},
@@ -608,8 +610,8 @@ def main() -> None:
             "max_prompt_length": a.max_prompt_length, "global_batch_pairs": a.global_batch,
             "ref_batch_pairs": a.ref_batch, "repeats": a.repeats, "precision": "fp32", "beta": BETA, "lr": LR,
             "loss": "sigmoid", "tokens": "identical on both sides (zephyr_ray.data.preference.preference_examples)",
-            "ours_layout": "dpo.ref.mode=precompute; data.packing as configured (tiny: false, two padded rows "
-                           "per pair; ours-2w-packed: one row per pair, position_ids)",
+            "ours_layout": "dpo.ref.mode=precompute; data.packing as configured (tiny: true, a micro-batch's "
+                           "sequences in one unpadded row; ours-2w-padded: two padded rows per pair)",
             "trl_layout": "padded: 2 x batch rows, padded to the longest (TRL 1.16 DPO has no padding-free mode)",
             "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
             "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},

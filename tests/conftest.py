@@ -23,6 +23,21 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """``family_dir(arch)``: the tiny random model of a base-model family, built once per session."""
+    from zephyr_ray.models import build_tiny
+
+    built: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in built:
+            built[arch] = build_tiny(tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0, arch=arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from zephyr_ray.models import load_tokenizer
 

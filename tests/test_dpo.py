@@ -42,11 +42,15 @@ def test_packed_and_unpacked_pairs_give_the_same_logps(tiny_model, tokenizer):
     model = load_model(tiny_model).eval()
     rows = _pairs(tokenizer, 6)
     batch = _columns(rows)
+    one = collate_pairs(batch, tokenizer.pad_token_id, packing=True, one_row=True)
+    assert one["input_ids"].shape[0] == 1 and one["num_tokens"] <= one["input_ids"].shape[1] < one["num_tokens"] + 8
     with torch.no_grad():
         packed = forward_logps(model, collate_pairs(batch, tokenizer.pad_token_id, packing=True))
         plain = forward_logps(model, collate_pairs(batch, tokenizer.pad_token_id, packing=False))
-    for a, b in zip(packed, plain):
+        flat = forward_logps(model, one)
+    for a, b, c in zip(packed, plain, flat):
         assert a.tolist() == pytest.approx(b.tolist(), abs=1e-5)
+        assert c.tolist() == pytest.approx(b.tolist(), abs=1e-5)
     # ... and both equal a sequence-by-sequence sum of log-probs over the response tokens.
     expected = [_manual_logps(model, r["prompt_ids"], r["chosen_ids"]) for r in rows]
     expected += [_manual_logps(model, r["prompt_ids"], r["rejected_ids"]) for r in rows]
@@ -120,12 +124,12 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
 
     common = [f"data.path={pairs_file}", "train.epochs=6", "train.micro_batch_size=4", "train.checkpoint_every=4",
               "train.lr=1e-3", "data.shuffle=false"]
-    # a: pairs packed one per row; b: the config's two padded rows per pair. Same numbers either way.
-    a = run_dpo(_cfg(tmp_path / "a", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero2.json",
-                     "data.packing=true"))
+    # a: the config's padding-free layout (a micro-batch's pairs in one row); b: two padded rows per pair.
+    # Same numbers either way.
+    a = run_dpo(_cfg(tmp_path / "a", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero2.json"))
     b = run_dpo(_cfg(tmp_path / "b", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero3.json",
                      "dpo.ref.mode=online", "train.inject_failure_at_step=10", "run.max_failures=1",
-                     "data.group_by_length=false"))  # the same order as a's packed rows
+                     "data.packing=false"))
     ma, mb = read_metrics(a.output_dir), read_metrics(b.output_dir)
     assert len(ma) == len(mb) == json.loads((a.output_dir / "data_report.json").read_text())["total_steps"] == 36
     keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zephyr_ray.attention import allows_one_row
 from zephyr_ray.config import ConfigError, DPORecipe, SFTRecipe, load_config
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.packing import collate, pack_sequences
@@ -49,25 +50,13 @@ CLASSES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "falcon
            "gemma": "GemmaForCausalLM"}
 
 
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory):
-    built: dict[str, str] = {}
-
-    def get(arch: str) -> str:
-        if arch not in built:
-            built[arch] = build_tiny(tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0, arch=arch)
-        return built[arch]
-
-    return get
-
-
 def _columns(rows):
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def _per_sample_nll(model, rows, pad_id) -> dict[str, list[float]]:
+def _per_sample_nll(model, rows, pad_id, one_row=False) -> dict[str, list[float]]:
     """Per-token next-token NLL of every sample of ``rows`` (packed or not), through ``label_logits``."""
-    batch = collate(_columns(rows), pad_id)
+    batch = collate(_columns(rows), pad_id, one_row=one_row)
     with torch.no_grad():
         logits, targets, keep = label_logits(model, batch)
     nll = F.cross_entropy(logits.float(), targets, reduction="none").tolist()
@@ -86,20 +75,24 @@ def test_family_builds_and_its_sft_and_dpo_losses_are_the_same_packed_or_not(arc
     assert model.config.vocab_size == len(tok) and 1e5 < sum(p.numel() for p in model.parameters()) < 5e6
     assert chat_template_source(path) == TEMPLATE_OWN  # the tiny tokenizer carries Zephyr's template
 
-    # dSFT: packed rows (several dialogues per row) give every sample the same per-token losses as one
-    # dialogue per right-padded row.
+    # dSFT: packed rows (several dialogues per row; all in one row where the attention allows it, as in
+    # training) give every sample the same per-token losses as one dialogue per right-padded row.
     seqs = [{**tokenize_messages(tok, d["messages"], max_length=96), "sample_id": str(i)}
             for i, d in enumerate(sample_dialogues(6, seed=3))]
     packed_rows = pack_sequences(seqs, 256)
     assert len(packed_rows) < len(seqs)  # really packed
     plain_rows = [{"input_ids": s["input_ids"], "labels": s["labels"], "position_ids": list(range(len(s["input_ids"]))),
                    "sample_ids": [s["sample_id"]]} for s in seqs]
-    packed, plain = _per_sample_nll(model, packed_rows, tok.pad_token_id), _per_sample_nll(model, plain_rows, tok.pad_token_id)
+    flat = allows_one_row(model)
+    assert flat == (arch not in ("falcon", "mpt"))
+    packed, plain = (_per_sample_nll(model, packed_rows, tok.pad_token_id, flat),
+                     _per_sample_nll(model, plain_rows, tok.pad_token_id))
     assert sorted(packed) == sorted(plain) == [str(i) for i in range(6)]
     for sid in plain:
         assert packed[sid] == pytest.approx(plain[sid], abs=1e-4), f"sample {sid}"
 
-    # dDPO: a pair packed into one row and as two padded rows give the same log-probs; policy == reference
+    # dDPO: packed (the micro-batch in one row, or one row per pair) and as two padded rows give the same
+    # log-probs; policy == reference
     # gives log 2, and the loss backpropagates into every weight.
     pairs = [{**tokenize_pair(tok, validate_pair(row)), "sample_ids": [str(i)]}
              for i, row in enumerate(sample_preferences(4, seed=5))]
@@ -107,7 +100,7 @@ def test_family_builds_and_its_sft_and_dpo_losses_are_the_same_packed_or_not(arc
     with torch.no_grad():
         ref = forward_logps(model, collate_pairs(batch, tok.pad_token_id, packing=False))[0]
     model.train()
-    logps = forward_logps(model, collate_pairs(batch, tok.pad_token_id, packing=True))[0]
+    logps = forward_logps(model, collate_pairs(batch, tok.pad_token_id, packing=True, one_row=flat))[0]
     assert logps.tolist() == pytest.approx(ref.tolist(), abs=1e-4)
     losses, _, _ = preference_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=0.1)
     assert losses.mean().item() == pytest.approx(math.log(2), abs=1e-5)

@@ -34,6 +34,15 @@ def test_collate_pads_after_the_last_sequence():
     # Targets never cross from one packed sequence into the next.
     assert shifted_labels(out["labels"], out["position_ids"]).tolist()[1] == [5, -100, 7, 8, -100, -100, -100]
     assert out["sample_ids"] == [["a"], ["b", "c"]]
+    assert out["row_lengths"] == [3, 5]
+
+    # One row: the rows concatenated without padding between them, padded only at the end.
+    flat = collate(batch, pad_id=0, pad_to_multiple_of=4, one_row=True)
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert flat["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, 7, 8]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert shifted_labels(flat["labels"], flat["position_ids"]).tolist() == [[2, 3, -100, 5, -100, 7, 8]]
+    assert flat["sample_ids"] == [["a", "b", "c"]] and flat["row_lengths"] == [3, 5]
 
 
 def _seqs(tokenizer, n):

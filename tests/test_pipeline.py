@@ -25,7 +25,7 @@ def test_stage_recipes_merge_under_sections_and_the_pipeline_file_wins():
     assert cfg.sft.data.path == "data/sample/sft.jsonl"  # from configs/tiny/sft.yaml
     assert cfg.sft.train.lr == 2.0e-3 and cfg.sft.train.epochs == 4  # sft.yaml says 8; pipeline.yaml says 4
     assert [c.name for c in cfg.aif.candidates] == ["tiny-a", "tiny-b", "tiny-c"]
-    assert cfg.dpo.dpo.beta == 0.25 and cfg.dpo.data.packing is False
+    assert cfg.dpo.dpo.beta == 0.25 and cfg.dpo.data.packing is True
 
 
 def test_recipes_must_name_stage_sections_and_existing_files(tmp_path):

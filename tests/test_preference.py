@@ -68,7 +68,7 @@ def test_examples_count_skips_and_truncation(tokenizer):
     assert (report.rows, report.used, report.truncated) == (3, 2, 1)
     assert dict(report.skipped) == {"rejected: identical to chosen": 1}
     assert all(len(r["prompt_ids"]) + len(r["chosen_ids"]) <= 32 for r in rows)
-    assert rows[0]["sample_ids"] == ["p.jsonl#1"]
+    assert [r["sample_ids"] for r in rows] == [["p.jsonl#3"], ["p.jsonl#1"]]  # longest first (group_by_length)
     with pytest.raises(BadRowError, match="p.jsonl line 2: field rejected: identical to chosen"):
         preference_examples(_raw([good, same]), tokenizer, DataConfig(max_length=32), 16)
     with pytest.raises(BadRowError, match="line 1: field prompt: .* longer than the length limits"):

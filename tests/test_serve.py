@@ -412,6 +412,12 @@ def test_batcher_groups_rows_and_survives_a_failed_batch():
         later = _job(SamplingParams(), loop)
         b.submit(later)
         events.append(await asyncio.wait_for(later.events.get(), 10))
+
+        async def counted():  # the batch's bookkeeping runs once its executor call returns, after the events
+            while b.stats.batches < 4:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(counted(), 10)
         await b.close()
         return events, b.stats
 

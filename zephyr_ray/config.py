@@ -68,6 +68,8 @@ class ModelConfig:
     # HF directory or hub id; None builds the tiny random model (tests, demo).
     path: str | None = None
     revision: str | None = None
+    # sdpa: PyTorch SDPA, run per packed sequence (attention.sdpa_varlen) on families with transformers'
+    # attention interface; flash_attention_2 on GPUs. Either trains a packed micro-batch as one row.
     attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
     trust_remote_code: bool = False
     tiny_seed: int = 0
@@ -87,8 +89,9 @@ class DataConfig:
     packing: bool = True
     # Sequences packed together per Ray Data batch (best-fit decreasing within the window).
     pack_window: int = 512
-    # Without packing: each window's rows go out longest first, so a micro-batch holds rows of similar
-    # length and pads little (transformers' group_by_length, with the window as its mega-batch).
+    # Each window's rows go out longest first (dSFT: without packing; dDPO: always), so a micro-batch holds
+    # rows of similar length: padded, it pads little (transformers' group_by_length, with the window as its
+    # mega-batch); packed, the workers' micro-batches of a step are alike and none waits for another.
     group_by_length: bool = True
     shuffle: bool = True
     seed: int = 0

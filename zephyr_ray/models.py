@@ -140,10 +140,13 @@ def chat_template_source(tokenizer_or_path: Any, revision: str | None = None, tr
 def load_model(path: str, *, dtype: Any = None, attn_implementation: str = "sdpa", revision: str | None = None,
                trust_remote_code: bool = False, quantization_config: Any = None):
     """``AutoModelForCausalLM`` in ``dtype`` (fp32 by default; ``quantization_config``: bitsandbytes, for
-    QLoRA). ``sdpa`` (the default) falls back to ``eager`` for families without an SDPA implementation (MPT);
-    an explicit other choice never does."""
+    QLoRA). ``sdpa`` (the default) becomes ``attention.sdpa_varlen`` (SDPA per packed sequence) on families with
+    transformers' attention interface, and falls back to ``eager`` for families without an SDPA implementation
+    (MPT); an explicit other choice never changes."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from zephyr_ray.attention import use_varlen_sdpa
 
     def load(attn: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attn,
@@ -151,12 +154,14 @@ def load_model(path: str, *, dtype: Any = None, attn_implementation: str = "sdpa
                                                     quantization_config=quantization_config)
 
     try:
-        return load(attn_implementation)
+        model = load(attn_implementation)
     except ValueError as err:
         if attn_implementation != "sdpa" or not any(k in str(err) for k in ("sdpa", "scaled_dot_product_attention")):
             raise
         log.warning("%s has no SDPA attention; using eager (%s)", path, str(err).splitlines()[0])
         return load("eager")
+    use_varlen_sdpa(model)
+    return model
 
 
 def _tokenizer_corpus() -> list[str]:

@@ -1,8 +1,9 @@
 """Packing sequences into rows of at most ``max_length`` tokens, and collating rows into batches.
 
-Each packed row carries ``position_ids`` that restart at 0 for every sequence; with no attention mask,
-transformers builds a block-diagonal causal mask from them, so attention never crosses sequences (families
-that take no ``position_ids``, MPT, get that mask explicitly: ``train.losses.packed_inputs``).
+Each packed row carries ``position_ids`` that restart at 0 for every sequence, which keep attention from
+crossing sequences: ``attention.sdpa_varlen`` (and flash-attention) split the row at the restarts; other
+attentions get a block-diagonal causal mask built from them by transformers (families that take no
+``position_ids``, MPT, get that mask explicitly: ``train.losses.packed_inputs``).
 """
 
 from __future__ import annotations
@@ -57,13 +58,23 @@ def pack_sequences(seqs: Sequence[dict[str, Any]], max_length: int) -> list[dict
     return rows
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, Any]:
+def collate(batch: dict[str, np.ndarray], pad_id: int, pad_to_multiple_of: int = 8, one_row: bool = False
+            ) -> dict[str, Any]:
     """Right-pad ragged rows into tensors. Padding continues the last sequence's positions: causal
     attention keeps real tokens from seeing it, its labels are ignored, and a batch of unpacked rows
     keeps plain ``arange`` positions, so transformers takes its causal fast path (SDPA ``is_causal``)
-    instead of building a block mask for "packed" rows."""
+    instead of building a block mask for "packed" rows.
+
+    ``one_row``: the rows concatenated into a single one (no padding between them), for an attention that
+    keeps packed sequences apart by ``position_ids`` alone (``attention.allows_one_row``). ``row_lengths`` keeps
+    each given row's length either way."""
     import torch
 
+    row_lengths = [len(r) for r in batch["input_ids"]]
+    if one_row:
+        batch = {**batch, **{k: [np.concatenate([np.asarray(r, dtype=np.int64) for r in batch[k]])]
+                             for k in ("input_ids", "labels", "position_ids")},
+                 "sample_ids": [[s for ids in batch["sample_ids"] for s in ids]]}
     rows = batch["input_ids"]
     width = max(len(r) for r in rows)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -83,5 +94,6 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, pad_to_multiple_of: int =
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(position_ids),
         "sample_ids": [list(s) for s in batch["sample_ids"]],
+        "row_lengths": row_lengths,
     }
     return out

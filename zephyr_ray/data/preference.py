@@ -89,7 +89,7 @@ def preference_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataCon
         report.tokens += 2 * len(cut["prompt_ids"]) + len(cut["chosen_ids"]) + len(cut["rejected_ids"])
         report.label_tokens += len(cut["chosen_ids"]) + len(cut["rejected_ids"])
         out.append({**cut, "sample_ids": [f"{ref.source}#{ref.row}"]})
-    if not cfg.packing and cfg.group_by_length:  # a pair is two rows of prompt + answer
+    if cfg.group_by_length:  # padded: little padding; packed: the workers' micro-batches alike (less waiting)
         out = longest_first(out, lambda r: len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])))
     report.packed_rows = len(out)
     return out, report

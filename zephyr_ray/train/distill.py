@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from zephyr_ray.attention import allows_one_row
 from zephyr_ray.config import ConfigError, DistillConfig, SFTRecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.models import DTYPES
@@ -87,9 +88,13 @@ class TeacherTopK(FrozenModel):
     def columns(self, rows: dict[str, list]) -> dict[str, pa.Array]:
         import pyarrow as pa
 
-        logits, _, keep = label_logits(self.model, self.on_device(collate(rows, self.pad_id)))
+        flat = allows_one_row(self.model)
+        batch = collate(rows, self.pad_id, one_row=flat)
+        logits, _, keep = label_logits(self.model, self.on_device(batch))
         logps, ids = teacher_topk(logits, self.top_k, self.temperature)
-        offsets = pa.array(np.concatenate([[0], keep.sum(1).cumsum(0).cpu().numpy() * self.top_k]), pa.int32())
+        lengths = batch["row_lengths"]
+        per_row = torch.stack([k.sum() for k in keep[0, :sum(lengths)].split(lengths)]) if flat else keep.sum(1)
+        offsets = pa.array(np.concatenate([[0], per_row.cumsum(0).cpu().numpy() * self.top_k]), pa.int32())
         return {TEACHER_IDS: pa.ListArray.from_arrays(offsets, pa.array(ids.cpu().numpy().ravel().astype(np.int32))),
                 TEACHER_LOGPS: pa.ListArray.from_arrays(offsets, pa.array(logps.cpu().numpy().ravel()))}
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from zephyr_ray.attention import allows_one_row
 from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
@@ -34,16 +35,20 @@ log = logging.getLogger(__name__)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def collate_pairs(batch: dict[str, Any], pad_id: int, packing: bool) -> dict[str, Any]:
+def collate_pairs(batch: dict[str, Any], pad_id: int, packing: bool, one_row: bool = False) -> dict[str, Any]:
     """B pairs → tensors whose ``seq_index`` maps tokens to sequences 0..B-1 (chosen) and B..2B-1
-    (rejected); one row per pair when ``packing``, else chosen rows then rejected rows."""
+    (rejected): all 2B sequences in one unpadded row when ``one_row`` (``attention.allows_one_row``), one row per
+    pair when ``packing``, else chosen rows then rejected rows (TRL's padded layout)."""
     n = len(batch["prompt_ids"])
     seqs = {}
     for side, offset in (("chosen", 0), ("rejected", n)):
         for i in range(n):
             prompt, answer = list(batch["prompt_ids"][i]), list(batch[f"{side}_ids"][i])
             seqs[offset + i] = (prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
-    groups = [[i, n + i] for i in range(n)] if packing else [[s] for s in range(2 * n)]
+    if one_row:
+        groups = [list(range(2 * n))]
+    else:
+        groups = [[i, n + i] for i in range(n)] if packing else [[s] for s in range(2 * n)]
     rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "seq_index": []}
     for group in groups:
         for key in rows:
@@ -76,11 +81,12 @@ class DPOObjective:
     pad_id: int
     cfg: DPOConfig
     packing: bool
+    one_row: bool = False  # the micro-batch's pairs in one unpadded row (``attention.allows_one_row``)
     ref_model: Any = None  # online mode: a frozen copy
     adapter_ref: bool = False  # online mode with LoRA: the policy itself with its adapters disabled
 
     def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return collate_pairs(batch, self.pad_id, self.packing)
+        return collate_pairs(batch, self.pad_id, self.packing, self.one_row)
 
     def units(self, batch: dict[str, Any]) -> int:
         return batch["num_pairs"]
@@ -113,7 +119,7 @@ class DPOObjective:
         return loss, extras
 
 
-def _make_objective(cfg: DPORecipe, model_path: str, device: Any) -> DPOObjective:
+def _make_objective(cfg: DPORecipe, model_path: str, device: Any, one_row: bool) -> DPOObjective:
     from zephyr_ray.data.tokenize import cached_tokenizer
 
     ref, path, online = None, cfg.dpo.ref.path or model_path, cfg.dpo.ref.mode == "online"
@@ -128,7 +134,7 @@ def _make_objective(cfg: DPORecipe, model_path: str, device: Any) -> DPOObjectiv
         source = "log-probs precomputed by Ray actors"
     if torch.distributed.get_rank() == 0:
         log.info("dDPO reference: %s, %s", path, source)
-    return DPOObjective(cached_tokenizer(model_path).pad_token_id, cfg.dpo, cfg.data.packing, ref, adapter_ref)
+    return DPOObjective(cached_tokenizer(model_path).pad_token_id, cfg.dpo, cfg.data.packing, one_row, ref, adapter_ref)
 
 
 def dpo_train_loop(config: dict[str, Any]) -> None:
@@ -148,7 +154,8 @@ class ReferenceLogps(FrozenModel):
     def columns(self, rows: dict[str, list]) -> dict[str, pa.Array]:
         import pyarrow as pa
 
-        tensors = collate_pairs(rows, self.pad_id, self.packing)
+        # The policy's layout (run_worker's rule), so at step 1 both score each pair the same way.
+        tensors = collate_pairs(rows, self.pad_id, self.packing, self.packing and allows_one_row(self.model))
         n = tensors["num_pairs"]
         logps = forward_logps(self.model, self.on_device(tensors))[0].double().cpu().numpy()
         return {REF_COLUMNS[0]: pa.array(logps[:n]), REF_COLUMNS[1]: pa.array(logps[n:])}

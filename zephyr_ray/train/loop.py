@@ -165,12 +165,15 @@ def truncate_trace(trace: Path, step: int) -> None:
         trace.write_text("".join(line + "\n" for line in kept))
 
 
-def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any], Objective], schema: type) -> None:
+def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, bool], Objective], schema: type
+               ) -> None:
     """Body of every stage's ``train_loop_per_worker``: engine, objective (``make_objective(cfg,
-    model_path, device)``), restore, loop, final export."""
+    model_path, device, one_row)``: packed micro-batches as one unpadded row when the model's attention
+    allows it), restore, loop, final export."""
     extensions_cache()
     import ray.train
 
+    from zephyr_ray.attention import allows_one_row
     from zephyr_ray.config import from_dict
     from zephyr_ray.models import load_tokenizer
     from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
@@ -188,7 +191,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any],
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
     engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model)
     engine.train()
-    objective = make_objective(cfg, model_path, engine.device)
+    objective = make_objective(cfg, model_path, engine.device, cfg.data.packing and allows_one_row(engine.module))
     restored = restore_checkpoint(engine)
     state = restored or TrainerState()
     if restored and rank == 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,9 +17,10 @@ from zephyr_ray.train.losses import label_logits, shifted_labels, token_nll_sum
 @dataclass
 class SFTObjective:
     pad_id: int
+    one_row: bool = field(default=False, kw_only=True)  # a micro-batch's rows as one (``attention.allows_one_row``)
 
     def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = collate(batch, self.pad_id)
+        out = collate(batch, self.pad_id, one_row=self.one_row)
         out["num_tokens"] = sum(len(r) for r in batch["input_ids"])
         return out
 
@@ -31,15 +32,15 @@ class SFTObjective:
         return token_nll_sum(logits, targets), {}
 
 
-def _make_objective(cfg: SFTRecipe, model_path: str, device: Any) -> SFTObjective:
+def _make_objective(cfg: SFTRecipe, model_path: str, device: Any, one_row: bool) -> SFTObjective:
     from zephyr_ray.data.tokenize import cached_tokenizer
 
     pad_id = cached_tokenizer(model_path).pad_token_id
     if cfg.distill.enabled:
         from zephyr_ray.train.distill import DistillObjective
 
-        return DistillObjective(pad_id, cfg.distill)
-    return SFTObjective(pad_id)
+        return DistillObjective(pad_id, cfg.distill, one_row=one_row)
+    return SFTObjective(pad_id, one_row=one_row)
 
 
 def sft_train_loop(config: dict[str, Any]) -> None:
