@@ -92,6 +92,12 @@ def use_varlen_sdpa(model: Any) -> None:
         model.set_attn_implementation(VARLEN_SDPA)
 
 
+def trains_one_row(model: Any, packing: bool) -> bool:
+    """The training layout, for the workers and the actors scoring their rows alike: a packed micro-batch is
+    one unpadded row when the model's attention allows it."""
+    return packing and allows_one_row(model)
+
+
 def allows_one_row(model: Any) -> bool:
     """Whether ``model`` (possibly under DeepSpeed's engine or peft) keeps packed sequences of one row apart
     from ``position_ids`` alone, so a micro-batch may be concatenated into one unpadded row."""

@@ -221,7 +221,6 @@ def _native_model(engine: EngineConfig, tasks: list[TaskData], units: list[dict[
 # ---------------------------------------------------------------------------------------------------
 
 
-
 def _doc(row: dict[str, Any]) -> lb.Doc:
     """A row of the files :func:`local_task_spec` writes (``Doc`` fields) back as a ``Doc``."""
     return lb.Doc(row["question"], tuple(row["choices"]), row["gold"],

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from zephyr_ray.config import EngineConfig
 
 
-
 @dataclass
 class GenerationStats:
     """Running totals of one engine (what padding and early-finished rows cost)."""

@@ -1,7 +1,8 @@
 """dDPO: preference training against the frozen dSFT model, on the same engine as dSFT.
 
-Chosen and rejected go through the policy in one forward pass: either as 2B rows, or (``data.packing``)
-packed as one row per pair with restarting ``position_ids``. Reference log-probs come precomputed by
+Chosen and rejected go through the policy in one forward pass: either as 2B padded rows, or (``data.packing``)
+packed with restarting ``position_ids``: the whole micro-batch in one unpadded row where the attention keeps its
+sequences apart (``attention.trains_one_row``), else one row per pair. Reference log-probs come precomputed by
 Ray actors (default: workers never hold the reference) or from a frozen copy in each worker; with LoRA
 (``model.lora``) online, from the policy itself with its adapters disabled (the base it started from).
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from zephyr_ray.attention import allows_one_row
+from zephyr_ray.attention import trains_one_row
 from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
@@ -37,7 +38,7 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 def collate_pairs(batch: dict[str, Any], pad_id: int, packing: bool, one_row: bool = False) -> dict[str, Any]:
     """B pairs → tensors whose ``seq_index`` maps tokens to sequences 0..B-1 (chosen) and B..2B-1
-    (rejected): all 2B sequences in one unpadded row when ``one_row`` (``attention.allows_one_row``), one row per
+    (rejected): all 2B sequences in one unpadded row when ``one_row`` (``attention.trains_one_row``), one row per
     pair when ``packing``, else chosen rows then rejected rows (TRL's padded layout)."""
     n = len(batch["prompt_ids"])
     seqs = {}
@@ -81,7 +82,7 @@ class DPOObjective:
     pad_id: int
     cfg: DPOConfig
     packing: bool
-    one_row: bool = False  # the micro-batch's pairs in one unpadded row (``attention.allows_one_row``)
+    one_row: bool = False  # the micro-batch's pairs in one unpadded row (``attention.trains_one_row``)
     ref_model: Any = None  # online mode: a frozen copy
     adapter_ref: bool = False  # online mode with LoRA: the policy itself with its adapters disabled
 
@@ -154,8 +155,7 @@ class ReferenceLogps(FrozenModel):
     def columns(self, rows: dict[str, list]) -> dict[str, pa.Array]:
         import pyarrow as pa
 
-        # The policy's layout (run_worker's rule), so at step 1 both score each pair the same way.
-        tensors = collate_pairs(rows, self.pad_id, self.packing, self.packing and allows_one_row(self.model))
+        tensors = collate_pairs(rows, self.pad_id, self.packing, trains_one_row(self.model, self.packing))
         n = tensors["num_pairs"]
         logps = forward_logps(self.model, self.on_device(tensors))[0].double().cpu().numpy()
         return {REF_COLUMNS[0]: pa.array(logps[:n]), REF_COLUMNS[1]: pa.array(logps[n:])}

@@ -173,7 +173,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     extensions_cache()
     import ray.train
 
-    from zephyr_ray.attention import allows_one_row
+    from zephyr_ray.attention import trains_one_row
     from zephyr_ray.config import from_dict
     from zephyr_ray.models import load_tokenizer
     from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
@@ -191,7 +191,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
     engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model)
     engine.train()
-    objective = make_objective(cfg, model_path, engine.device, cfg.data.packing and allows_one_row(engine.module))
+    objective = make_objective(cfg, model_path, engine.device, trains_one_row(engine.module, cfg.data.packing))
     restored = restore_checkpoint(engine)
     state = restored or TrainerState()
     if restored and rank == 0:

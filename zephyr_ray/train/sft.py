@@ -17,7 +17,7 @@ from zephyr_ray.train.losses import label_logits, shifted_labels, token_nll_sum
 @dataclass
 class SFTObjective:
     pad_id: int
-    one_row: bool = field(default=False, kw_only=True)  # a micro-batch's rows as one (``attention.allows_one_row``)
+    one_row: bool = field(default=False, kw_only=True)  # a micro-batch's rows as one (``attention.trains_one_row``)
 
     def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = collate(batch, self.pad_id, one_row=self.one_row)
