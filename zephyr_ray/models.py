@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from zephyr_ray.gguf_import import resolve as resolve_gguf
+
 log = logging.getLogger(__name__)
 
 # Zephyr's format; {% generation %} marks what the model is trained to say (content + EOS).
@@ -112,7 +114,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     system role)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolve_gguf(path), revision=revision, trust_remote_code=trust_remote_code)
     _fit_chat_template(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -127,7 +129,7 @@ def chat_template_source(tokenizer_or_path: Any, revision: str | None = None, tr
     if isinstance(tokenizer_or_path, (str, Path)):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_or_path), revision=revision,
+        tok = AutoTokenizer.from_pretrained(resolve_gguf(str(tokenizer_or_path)), revision=revision,
                                             trust_remote_code=trust_remote_code)
         return _fit_chat_template(tok)
     tok, own = tokenizer_or_path, tokenizer_or_path.chat_template
@@ -147,6 +149,8 @@ def load_model(path: str, *, dtype: Any = None, attn_implementation: str = "sdpa
     from transformers import AutoModelForCausalLM
 
     from zephyr_ray.attention import use_varlen_sdpa
+
+    path = resolve_gguf(path)
 
     def load(attn: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attn,
@@ -235,9 +239,10 @@ def tiny_label(seed: int, arch: str = "mistral") -> str:
 
 
 def resolve_model_path(path: str | None, output_dir: str | Path, seed: int = 0, arch: str = "mistral") -> str:
-    """``path`` when given; otherwise the tiny model of family ``arch``, built once under ``output_dir``."""
+    """``path`` when given (a GGUF file or embedded model name: its imported HF folder,
+    ``gguf_import.resolve``); otherwise the tiny model of family ``arch``, built once under ``output_dir``."""
     if path:
-        return path
+        return resolve_gguf(path)
     tiny = Path(output_dir) / tiny_dir_name(arch)
     if not (tiny / "config.json").exists():
         log.info("model.path is empty: building the tiny random %s model in %s", arch, tiny)

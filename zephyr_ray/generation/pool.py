@@ -33,11 +33,14 @@ _MAX_RETRIES = 3
 
 
 def resolve_engine(cfg: EngineConfig, models_dir: Path) -> EngineConfig:
-    """``cfg`` with the tiny model built (once, on the driver) when a local backend names no model."""
+    """``cfg`` with its model as an HF folder the actors load: the tiny model built (once, on the driver) when a
+    local backend names no model, a GGUF file or embedded name imported."""
     from zephyr_ray.models import resolve_model_path, tiny_label
 
-    if cfg.backend == "openai" or cfg.path:
+    if cfg.backend == "openai":
         return cfg
+    if cfg.path:
+        return replace(cfg, path=resolve_model_path(cfg.path, models_dir))
     return replace(cfg, path=resolve_model_path(None, models_dir / tiny_label(cfg.tiny_seed, cfg.tiny_arch), cfg.tiny_seed,
                                                  cfg.tiny_arch))
 

@@ -120,8 +120,8 @@ def teacher_prepare(cfg: SFTRecipe) -> Any:
 
     out = Path(cfg.run.output_dir)
     student = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed, cfg.model.tiny_arch)
-    teacher = cfg.distill.teacher or resolve_model_path(None, out / "teacher", cfg.distill.teacher_tiny_seed,
-                                                        cfg.model.tiny_arch)
+    teacher = resolve_model_path(cfg.distill.teacher, out / "teacher", cfg.distill.teacher_tiny_seed,
+                                 cfg.model.tiny_arch)
     check_teacher(teacher, student, cfg)
     return functools.partial(add_teacher_topk, teacher=teacher, cfg=cfg)
 

@@ -9,6 +9,7 @@ Ray actors (default: workers never hold the reference) or from a frozen copy in 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from zephyr_ray.attention import trains_one_row
 from zephyr_ray.config import DPOConfig, DPORecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
+from zephyr_ray.gguf_import import resolve as resolve_gguf
 from zephyr_ray.models import DTYPES
 from zephyr_ray.train.curves import DPO_PANELS
 from zephyr_ray.train.frozen import FrozenModel, frozen_pass, load_frozen
@@ -183,6 +185,10 @@ def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecip
 
 def run_dpo(cfg: DPORecipe) -> StageResult:
     from zephyr_ray.data.preference import preference_examples, preference_schema
+
+    if cfg.dpo.ref.path:  # a GGUF file or embedded name: workers and actors load its imported folder
+        ref = dataclasses.replace(cfg.dpo.ref, path=resolve_gguf(cfg.dpo.ref.path))
+        cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, ref=ref))
 
     examples = functools.partial(preference_examples, max_prompt_length=cfg.dpo.max_prompt_length)
     prepare = functools.partial(precompute_reference, cfg=cfg) if cfg.dpo.ref.mode == "precompute" else None
