@@ -130,6 +130,9 @@ def import_gguf(path: str | os.PathLike) -> Path:
     target = models / f"{src.stem}-{digest[:16]}"
     if (target / IMPORT_MARKER).is_file():
         return target
+    for other in sorted(models.glob(f"*-{digest[:16]}")):  # the same bytes under another name (a copy, a rename)
+        if (other / IMPORT_MARKER).is_file():
+            return other
     meta = check_gguf(src)
     models.mkdir(parents=True, exist_ok=True)
     with open(models / f".{target.name}.lock", "w") as lock:
