@@ -87,17 +87,10 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    import torch
+    from zephyr_ray.generation import chat
 
-    from zephyr_ray.models import load_model, load_tokenizer
-
-    tok, model = load_tokenizer(args.model), load_model(args.model).eval()
-    for prompt in args.prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        print(f"user: {prompt}\nassistant: {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}\n")
+    for turn in chat(args.model, args.prompts, args.max_new_tokens):
+        print(f"user: {turn['user']}\nassistant: {turn['assistant']}\n")
     return 0
 
 
@@ -132,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.output_dir=runs/x")
         stage.set_defaults(func=_run_stage)
     chat = sub.add_parser("chat", help="greedy replies from an exported model, one per prompt")
-    chat.add_argument("--model", required=True, help="HF model folder, e.g. runs/<id>/sft/model")
+    chat.add_argument("--model", required=True,
+                      help="HF model folder (e.g. runs/<id>/dpo/model), a .gguf file or smollm2-135m-instruct")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("prompts", nargs="+")
     chat.set_defaults(func=_chat)

@@ -596,6 +596,10 @@ class PipelineConfig:
     # Deploy the dDPO model on Ray Serve at the end: on a local cluster it serves until Ctrl-C; on a running
     # cluster (RAY_ADDRESS set, e.g. under `ray job submit`) the app stays up after the pipeline exits.
     serve: bool = False
+    # After dDPO, the final model answers these prompts greedily (transformers, serve.engine's precision): the
+    # answers close the printed summary and summary.json ("chat"), a first look at what the recipe made.
+    chat_prompts: list[str] = field(default_factory=list)
+    chat_max_new_tokens: int = 48
 
 
 @dataclass

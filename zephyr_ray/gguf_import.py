@@ -105,15 +105,18 @@ def check_gguf(path: Path) -> dict[str, object]:
     if field is None:
         raise GGUFImportError(f"{path}: no general.architecture in its metadata")
     arch = bytes(field.parts[field.data[0]]).decode()
-    if _ARCH_ALIASES.get(arch, arch) not in GGUF_SUPPORTED_ARCHITECTURES:
+    # transformers' list is its metadata mapping's sections: two of them are not architectures.
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if _ARCH_ALIASES.get(arch, arch) not in supported:
         raise GGUFImportError(f"{path}: architecture {arch!r} is not supported by transformers' GGUF loader "
-                              f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+                              f"(supported: {', '.join(supported)})")
     readable = _PLAIN_TYPES | {t.name for t in _type_traits}
     types = sorted({t.tensor_type.name for t in reader.tensors})
     unsupported = [t for t in types if t not in readable]
     if unsupported:
-        bad = next(t.name for t in reader.tensors if t.tensor_type.name in unsupported)
-        raise GGUFImportError(f"{path}: quantisation type {', '.join(unsupported)} (tensor {bad!r}, among others) "
+        bad = [t.name for t in reader.tensors if t.tensor_type.name in unsupported]
+        which = f"tensor {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+        raise GGUFImportError(f"{path}: quantisation type {', '.join(unsupported)} ({which}) "
                               f"cannot be de-quantised by gguf; supported: {', '.join(sorted(readable))}")
     return {"architecture": arch, "tensor_types": types}
 
@@ -141,6 +144,9 @@ def import_gguf(path: str | os.PathLike) -> Path:
             return target  # another process finished it while we waited
         if target.exists():
             shutil.rmtree(target)  # left by an import that died before its marker
+        for stale in models.glob(f".{target.name}.*"):  # temporary folders of imports killed midway (we hold
+            if stale.is_dir():                           # the lock: none of them is still being written)
+                shutil.rmtree(stale, ignore_errors=True)
         log.info("importing %s into %s (de-quantising to fp32, once)", src, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models))
         try:

@@ -34,6 +34,7 @@ from zephyr_ray.config import (
     from_dict,
     to_dict,
 )
+from zephyr_ray.generation import chat
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -247,6 +248,8 @@ def summarize(m: Manifest) -> dict[str, Any]:
     if stages["dpo"]["status"] == "done":
         last = _last(Path(m.artifact("dpo", "metrics")))
         out["dpo"] = {k: last.get(k) for k in ("step", "loss", "rewards/accuracies", "rewards/margins")}
+    if m.data.get("chat"):
+        out["chat"] = m.data["chat"]
     if stages["eval"]["status"] == "done":
         results = json.loads(Path(m.artifact("eval", "results")).read_text())
         mt = results.get("mt_bench", {})
@@ -293,6 +296,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines.append(f"evaluation (judge {e['judge']}):")
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, width, strict=True)) for r in rows]
+    for turn in summary.get("chat", []):
+        lines.append(f"chat (dDPO model)\n  user: {turn['user']}\n  assistant: {turn['assistant']}")
     return "\n".join(lines)
 
 
@@ -374,6 +379,10 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
                      artifacts=artifacts)
         manifest.save()
         echo(f"{label} done in {stage['seconds']:.0f} s")
+    if cfg.pipeline.chat_prompts and manifest.stage("dpo")["status"] == "done" and "chat" not in manifest.data:
+        manifest.data["chat"] = chat(manifest.artifact("dpo", "model"), cfg.pipeline.chat_prompts,
+                                     cfg.pipeline.chat_max_new_tokens, cfg.serve.engine.precision)
+        manifest.save()
     summary = _write_summary(manifest, run_dir, echo)
     if manifest.stage("dpo")["status"] == "done" and "serve" not in manifest.data["stages"]:
         model = manifest.artifact("dpo", "model")

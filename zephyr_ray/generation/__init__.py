@@ -54,3 +54,14 @@ def make_engine(cfg: EngineConfig, output_dir: str | Path) -> Engine:
 
         return OpenAIEngine(cfg)
     raise ValueError(f"engine.backend={cfg.backend!r} is not valid; choose one of transformers, vllm, openai")
+
+
+def chat(model: str, prompts: list[str], max_new_tokens: int = 128, precision: str = "fp32") -> list[dict[str, str]]:
+    """Greedy single-turn answers of the model at ``model`` (an HF folder, GGUF file or embedded name) to
+    ``prompts``, in one batch in this process: ``zephyr-ray chat`` and the pipeline's closing chat."""
+    from zephyr_ray.config import EngineConfig  # config imports generation.types: not at the top
+
+    engine = make_engine(EngineConfig(name="chat", path=model, precision=precision), Path.cwd())
+    outputs = engine.generate([[{"role": "user", "content": p}] for p in prompts],
+                              SamplingParams(max_new_tokens=max_new_tokens))
+    return [{"user": p, "assistant": out[0].text.strip()} for p, out in zip(prompts, outputs, strict=True)]
