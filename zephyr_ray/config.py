@@ -118,10 +118,6 @@ class DataConfig:
                                          "set too: give one of them"))
         return out
 
-    @property
-    def has_eval(self) -> bool:
-        return bool(self.eval_path or self.eval_fraction)
-
 
 @dataclass
 class TrainConfig:

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ def held_out_rows(rows: Any, data: DataConfig) -> tuple[Any, Any, str | None]:
 
     if data.eval_path:
         split = data.eval_split or data.split
-        return rows, read_rows(resolve_path(data.eval_path), data.format, split, data.limit), \
-            f"data.eval_path {data.eval_path} (split {split})"
+        held = read_rows(resolve_path(data.eval_path), data.format, split, data.limit)
+        return rows, held, f"data.eval_path {data.eval_path} (split {split})"
     if data.eval_fraction:
         train, held = split_held_out(rows, data.seed, data.eval_fraction)
         return train, held, f"data.eval_fraction={data.eval_fraction} of the prompts of {data.path} (seed {data.seed})"
@@ -126,9 +126,9 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     report = plan(rows, examples, model_path, cfg.data)
     step_plan, dropped = plan_steps(report.packed_rows, cfg.scaling.num_workers, cfg)
     summary = {**json.loads(report.to_json()), "dropped_by_equal_split": dropped, "total_steps": step_plan.total_steps}
-    eval_report = None
+    eval_report, eval_cfg = None, replace(cfg.data, shuffle=False)  # held-out rows: order does not matter
     if eval_rows is not None:
-        eval_report = plan(eval_rows, examples, model_path, cfg.data)
+        eval_report = plan(eval_rows, examples, model_path, eval_cfg)
         summary["eval"] = {"source": eval_source, **json.loads(eval_report.to_json())}
     (out / "data_report.json").write_text(json.dumps(summary, indent=2))
     log.info("data: %s", report.summary())
@@ -144,7 +144,7 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
         dataset = prepare(dataset, model_path, out)
     eval_data = None
     if eval_rows is not None:
-        eval_dataset = stage_dataset(eval_rows, examples, schema, model_path, cfg.data)
+        eval_dataset = stage_dataset(eval_rows, examples, schema, model_path, eval_cfg)
         if prepare is not None:
             eval_dataset = prepare(eval_dataset, model_path, out, split="eval")
         eval_data = eval_shares(eval_dataset, cfg.scaling.num_workers)
