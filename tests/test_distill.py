@@ -294,7 +294,8 @@ def test_run_sft_distills_through_teacher_actors(ray_cluster, tiny_model, teache
 
     cfg = load_config(ROOT / "configs/tiny/sft_distill.yaml",
                       [f"model.path={tiny_model}", f"distill.teacher={teacher_model}", f"run.output_dir={tmp_path}",
-                       "wandb.enabled=false", "data.limit=32", "train.max_steps=3", "distill.top_k=8"])
+                       "wandb.enabled=false", "data.limit=32", "train.max_steps=3", "distill.top_k=8",
+                       "data.eval_fraction=0.25"])
     result = run_sft(cfg)
     stored = pq.read_table(tmp_path / "teacher_topk")
     assert json.loads((tmp_path / "teacher_topk" / "_SUCCESS").read_text())["fingerprint"]["teacher"] == teacher_model
@@ -306,4 +307,7 @@ def test_run_sft_distills_through_teacher_actors(ray_cluster, tiny_model, teache
     for m in metrics:
         assert all(math.isfinite(m[k]) for k in ("loss", "nll", "distill/divergence", "distill/kl"))
         assert m["loss"] == pytest.approx(0.5 * m["nll"] + 0.5 * m["distill/divergence"], rel=1e-5)  # alpha .5, T 1
+        # Held out (every step of 3): the same objective on rows the teacher scored in their own pass.
+        assert m["eval_loss"] == pytest.approx(0.5 * m["eval_nll"] + 0.5 * m["eval_distill/divergence"], rel=1e-5)
+    assert json.loads((tmp_path / "teacher_topk_eval" / "_SUCCESS").read_text())["fingerprint"]["split"] == "eval"
     assert AutoModelForCausalLM.from_pretrained(result.model_dir).config.vocab_size == len(tokenizer)

@@ -17,6 +17,8 @@ from zephyr_ray.config import EngineConfig, ServeRecipe, load_config
 from zephyr_ray.data.packing import pack_sequences
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
 from zephyr_ray.generation.types import SamplingParams
+from zephyr_ray.models import load_model
+from zephyr_ray.train.sft import SFTObjective
 
 from .conftest import ROOT
 
@@ -94,9 +96,6 @@ def _sample_dialogues(n: int, offset: int) -> list[list[dict[str, str]]]:
 def test_short_dsft_lowers_held_out_loss(smollm2, real_tokenizer):
     """Six optimizer steps with the dSFT objective on 24 shipped dialogues lower the token-weighted NLL of 12
     held-out ones (other numbers, same kinds of task): the real model learns the format, not the rows."""
-    from zephyr_ray.data.packing import collate
-    from zephyr_ray.models import load_model
-    from zephyr_ray.train.sft import SFTObjective
 
     torch.manual_seed(0)
     tok = real_tokenizer
