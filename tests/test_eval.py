@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from zephyr_ray.eval.judging import TIE, parse_score, parse_verdict
+from zephyr_ray.generation.types import SamplingParams
 from zephyr_ray.train.metrics import numeric_leaves
 
 from .conftest import ROOT, SHARED, shared_file
@@ -160,6 +161,80 @@ def test_unreadable_judgments_are_retried_then_counted():
     assert [r.completion_tokens for r in results] == [5, 10, 15, 10]
     # One batched call per attempt over the unread ones; retries change the seed and sample when greedy.
     assert [(n, p.seed, p.temperature) for n, p in engine.calls] == [(4, 5, 0.0), (3, 6, 0.7), (1, 7, 0.7)]
+
+
+class ScoringJudge:
+    """A local judge with known option distributions (by the conversation's last message); writes no text."""
+
+    def __init__(self, probs):
+        self.probs = probs  # user message -> option probabilities
+        self.calls = []
+
+    def generate(self, conversations, params):
+        pytest.fail("expected mode generates no text")
+
+    def option_probs(self, conversations, options, prefix="", suffix=""):
+        self.calls.append((len(conversations), tuple(options), prefix, suffix))
+        return [self.probs[c[-1]["content"]] for c in conversations]
+
+
+def test_expected_mode_scores_mt_bench_and_both_pairwise_orders_by_hand():
+    from zephyr_ray.eval.judging import judge_work, verdict_of
+    from zephyr_ray.eval.pairwise import instruction_score, ordering_score, pairwise_stats
+
+    rating = [0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.5, 0.3, 0.0, 0.0]  # 6 * .2 + 7 * .5 + 8 * .3 = 7.1
+    spread = [0.1] * 10  # 5.5
+    top = [0.0] * 9 + [1.0]  # "10]]" is its own option: 10, not swallowed by "1"
+    pairs = {  # P(A), P(B), P(tie); the model is A in "x|AB" and B in "x|BA"
+        "i1|AB": [0.6, 0.3, 0.1], "i1|BA": [0.5, 0.2, 0.3],  # .6 + .05 = .65 and .2 + .15 = .35: .5
+        "i2|AB": [0.9, 0.1, 0.0], "i2|BA": [0.1, 0.7, 0.2],  # .9 and .7 + .1 = .8: .85
+    }
+    engine = ScoringJudge({"q1": rating, "q2": spread, "q3": top, "q4": [float("nan")] * 10, **pairs})
+    units = [{"key": k, "kind": "single", "messages": [{"role": "user", "content": k}], "meta": "{}"}
+             for k in ("q1", "q2", "q3", "q4")]
+    units += [{"key": k, "kind": "pairwise", "messages": [{"role": "system", "content": "judge"},
+                                                           {"role": "user", "content": k}], "meta": "{}"} for k in pairs]
+    rows = judge_work(engine, units, params=SamplingParams(), max_attempts=3, judge="local", mode="expected")
+    # One call per kind: the ratings 1..10 after "Rating: [[", the verdicts after "[[", each closed by "]]".
+    assert engine.calls == [(4, tuple(str(k) for k in range(1, 11)), "Rating: [[", "]]"),
+                            (4, ("A", "B", "C"), "[[", "]]")]
+    assert [r["score"] for r in rows[:3]] == pytest.approx([7.1, 5.5, 10.0]) and rows[3]["score"] is None
+    assert all(r["mode"] == "expected" and r["judgment"] == "" and r["attempts"] == 1 for r in rows)
+    assert rows[0]["probs"] == rating and [r["verdict"] for r in rows[4:]] == ["A", "A", "A", "B"]
+    by_key = {r["key"]: r for r in rows}
+    outcomes = [(verdict_of(by_key[f"{i}|AB"]), verdict_of(by_key[f"{i}|BA"])) for i in ("i1", "i2")]
+    assert outcomes[0][0] == {"A": 0.6, "B": 0.3, "tie": 0.1}
+    assert ordering_score(outcomes[0][0], True) == pytest.approx(0.65)
+    assert ordering_score(outcomes[0][1], False) == pytest.approx(0.35)
+    assert [instruction_score(o) for o in outcomes] == pytest.approx([0.5, 0.85])
+    s = pairwise_stats(outcomes)
+    assert s.win_rate == pytest.approx(0.675) and s.standard_error == pytest.approx(0.175)
+    assert (s.wins, s.ties, s.losses) == (1, 1, 0)
+    # Position statistics: the most likely verdicts (i1: A then A, inconsistent; i2: A then B, consistent) and
+    # the probability that went to the answer shown first.
+    assert (s.both_orders, s.consistent, s.position_consistency) == (2, 1, 0.5)
+    assert s.first_position_rate == pytest.approx((0.6 + 0.5 + 0.9 + 0.1) / (0.9 + 0.7 + 1.0 + 0.8))
+    # A verdict is the one-hot case of the same formula.
+    assert pairwise_stats([("A", "B"), (TIE, TIE)]).win_rate == 0.75
+    with pytest.raises(TypeError, match="option_probs"):
+        judge_work(ScriptedJudge({}), units[:1], params=SamplingParams(), max_attempts=1, judge="j", mode="expected")
+
+
+def test_expected_judge_needs_a_local_backend_at_load():
+    from zephyr_ray.config import ConfigError, EvalRecipe, PipelineRecipe, load_config
+
+    with pytest.raises(ConfigError, match=r"judge\.mode='expected'.*openai backend"):
+        load_config(ROOT / "configs/tiny/eval.yaml", ["judge.mode=expected", "judge.engine.backend=openai"], EvalRecipe)
+    with pytest.raises(ConfigError, match=r"eval\.judge\.mode='expected'"):
+        load_config(ROOT / "configs/tiny/pipeline.yaml", ["eval.judge.engine.backend=openai"], PipelineRecipe)
+    for backend in ("transformers", "vllm"):
+        cfg = load_config(ROOT / "configs/tiny/eval.yaml", ["judge.mode=expected", f"judge.engine.backend={backend}"],
+                          EvalRecipe)
+        assert cfg.judge.mode == "expected"
+    assert load_config(ROOT / "configs/tiny/eval.yaml", [], EvalRecipe).judge.mode == "generate"
+    assert load_config(ROOT / "configs/zephyr-7b-beta/eval.yaml", [], EvalRecipe).judge.mode == "generate"
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_config(ROOT / "configs/tiny/eval.yaml", ["judge.mode=guess"], EvalRecipe)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -588,3 +663,70 @@ def test_scripted_gpt4_like_judge_scores_mt_bench_and_alpaca_eval(tiny_eval, tmp
     assert judging["judgments"] == 32 + 3 * 10 + 8 and judging["parse_failures"] == 0
     assert "| file-model | 60.0 | 18.7 | 2/2/1 | 5/5 | 80.0 |" in result.report.read_text()
     assert min(_png_size(result.chart.read_bytes())) > 400
+
+
+@pytest.mark.ray
+def test_tiny_judge_in_expected_mode_scores_every_answer(tiny_eval, tmp_path):
+    """A tiny random judge writes no [[rating]], but in expected mode every answer gets a score in [1, 10] and every
+    instruction a win rate, from the judge's probabilities (one forward pass per judgment, no retries)."""
+    from zephyr_ray.eval.pairwise import ordering_score
+    from zephyr_ray.eval.run import run_eval
+    from zephyr_ray.pipeline import summary_table
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_eval.dir, out)  # the tiny models' MT-Bench answers are reused (resume)
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text("".join(json.dumps({"prompt_id": f"i{k}", "prompt": q, "completions": [
+        {"model": "file-model", "text": mine}, {"model": "ref-model", "text": ref}]}) + "\n"
+        for k, (q, mine, ref, _) in enumerate(FILE_PAIRS[:3])))
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"instruction": "p", "output_1": "x", "output_2": "longer", "preference": 2}) + "\n")
+    result = run_eval(_eval_cfg(
+        out, "judge.mode=expected", f"judge.prompts={SAMPLE / 'judge_prompts.jsonl'}", "mt_bench.limit=3",
+        f"alpaca_eval.instructions={instructions}", "alpaca_eval.generate=false", "alpaca_eval.reference=null",
+        "alpaca_eval.reference_model=ref-model", "alpaca_eval.output_models=[file-model]", f"alpaca_eval.agreement={prefs}"))
+    res = result.results
+    assert res["judge"]["mode"] == "expected" and res["judge"]["label"] == "tiny-judge (expected: probability-weighted)"
+    assert res["mt_bench"]["judge"] == res["alpaca_eval"]["judge"] == res["judge"]["label"]
+    # MT-Bench: 3 questions x 2 models x 2 turns, every one scored = sum_k k * P(k) of its stored probabilities.
+    judgments = _jsonl(out / "mt_bench" / "model_judgment" / "tiny-judge_single.jsonl")
+    assert len(judgments) == 12
+    for j in judgments:
+        assert j["mode"] == "expected" and j["judgment"] == "" and j["attempts"] == 1 and len(j["probs"]) == 10
+        assert sum(j["probs"]) == pytest.approx(1.0, abs=1e-6)
+        assert 1 <= j["score"] <= 10 and j["score"] == pytest.approx(sum(k * p for k, p in zip(range(1, 11), j["probs"])))
+    for model in ("tiny-a", "tiny-b"):
+        s = res["mt_bench"]["models"][model]
+        assert (s["rated"], s["parse_failures"]) == (6, 0) and 1 <= s["overall"] <= 10
+        assert s["overall"] == pytest.approx(sum(j["score"] for j in judgments if j["model"] == model) / 6)
+    assert res["judging"] == {"judgments": 12 + 6 + 2, "calls": 20, "retries": 0, "parse_failures": 0,
+                              "truncated_prompts": 0}
+    # AlpacaEval: a probability-weighted preference for every instruction, from both orders' probabilities.
+    annotations = _jsonl(out / "alpaca_eval" / "annotations.jsonl")
+    assert len(annotations) == 3
+    prefs_of = []
+    for a in annotations:
+        first, second = a["probs_model_first"], a["probs_model_second"]
+        assert set(first) == {"A", "B", "tie"} and sum(first.values()) == pytest.approx(1.0, abs=1e-6)
+        p = (ordering_score(first, True) + ordering_score(second, False)) / 2
+        assert 0 < p < 1 and a["preference"] == pytest.approx(1 + p)
+        assert a["verdict_model_first"] == max(first, key=first.get)
+        prefs_of.append(p)
+    file_model = res["alpaca_eval"]["models"]["file-model"]
+    assert (file_model["judged"], file_model["parse_failures"]) == (3, 0)
+    assert file_model["win_rate"] == pytest.approx(sum(prefs_of) / 3) and file_model["standard_error"] > 0
+    agreement = _jsonl(out / "alpaca_eval" / "agreement.jsonl")
+    assert res["alpaca_eval"]["agreement"]["judged"] == 1 and 0 < agreement[0]["judge_preference_1"] < 1
+    report = result.report.read_text()
+    assert "expected mode: no text is generated" in report and "Judge: tiny-judge (expected: probability-weighted)." in report
+    assert "20 judgments in expected mode, one forward pass each" in report
+    # The pipeline's summary table reads results.json: numbers (no n/a) and the mode that made them.
+    mt, ae = res["mt_bench"], res["alpaca_eval"]
+    table = summary_table({"run_id": "r", "run_dir": str(out), "seconds": {}, "eval": {
+        "mt_bench": {n: {"overall": s["overall"], **s["categories"], "parse_failures": s["parse_failures"]}
+                     for n, s in mt["models"].items()},
+        "categories": mt["categories"], "win_rate": {n: {"win_rate": s["win_rate"]} for n, s in ae["models"].items()},
+        "reference": ae["reference"], "judge": res["judge"]["name"], "judge_mode": res["judge"]["mode"]}})
+    assert "evaluation (judge tiny-judge, expected: probability-weighted):" in table
+    overall = next(line for line in table.splitlines() if line.split()[:1] == ["overall"]).split()[1:]
+    assert len(overall) == 2 and "n/a" not in overall

@@ -113,6 +113,9 @@ def test_summary_table_prints_every_number_and_marks_missing_ones():
     lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[4:]}
     assert lines["overall"] == ["5.00", "6.25"] and lines["math"] == ["n/a", "4.00"]
     assert table.splitlines()[-1].split()[-2:] == ["40.0%", "62.5%"]
+    assert "evaluation (judge j, generate: parsed ratings):" in table  # results.json before judge modes: generate
+    summary["eval"]["judge_mode"] = "expected"
+    assert "evaluation (judge j, expected: probability-weighted):" in pipeline.summary_table(summary)
 
 
 def test_summary_shows_the_last_held_out_values_when_a_stage_evaluated(tmp_path):
@@ -204,3 +207,7 @@ def test_tiny_pipeline_end_to_end_with_an_interrupted_stage_resumed(ray_cluster,
     assert summary["dpo"]["rewards/accuracies"] is not None
     table = "\n".join(said)
     assert "MT-Bench" in table and "win rate vs tiny-reference" in table and str(run_dir) in said[-1]
+    # The tiny pipeline's random judge scores in expected mode: every number is there, and says how it was made.
+    assert summary["eval"]["judge_mode"] == "expected" and "expected: probability-weighted" in table
+    assert all(s["overall"] is not None and s["parse_failures"] == 0 for s in summary["eval"]["mt_bench"].values())
+    assert all(s["win_rate"] is not None for s in summary["eval"]["win_rate"].values())
