@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/zephyr-ray/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: install demo test bench lint docs
+.PHONY: install demo demo-tiny test bench bench-real lint docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole recipe on the real chat model (SmolLM2-135M-Instruct); demo-tiny: on tiny random models.
 demo: install
+	$(PY) -m zephyr_ray.cli pipeline --config configs/smollm2/pipeline.yaml
+
+demo-tiny: install
 	$(PY) -m zephyr_ray.cli pipeline --config configs/tiny/pipeline.yaml
 
 test: install
