@@ -1,0 +1,194 @@
+"""Faults injected the way they happen (kill -9 of the real process, a file cut off on disk), and what survives.
+
+Every kill here targets a process of this test session's own Ray cluster (a descendant of the pytest process),
+found by its command line; nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from zephyr_ray.train.loop import (
+    COMPLETE,
+    _files,
+    _write_atomic,
+    checkpoint_storage,
+    newest_complete,
+    prune_checkpoints,
+)
+
+from .conftest import ROOT
+
+# --- the completion protocol on disk (no Ray) ---------------------------------------------------------------
+
+def _checkpoint(root: Path, step: int, complete: bool = True, size: int = 100) -> Path:
+    d = root / f"step_{step:08d}"
+    (d / "ds").mkdir(parents=True)
+    (d / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"x" * size)
+    (d / "ds" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"y" * size)
+    if complete:
+        fs, path = checkpoint_storage(str(d))
+        _write_atomic(fs, f"{path}/{COMPLETE}", json.dumps({"step": step, "files": _files(fs, path)}))
+    return d
+
+
+def test_newest_complete_skips_unmarked_and_cut_off_checkpoints(tmp_path):
+    _checkpoint(tmp_path, 10)
+    _checkpoint(tmp_path, 20)
+    cut = _checkpoint(tmp_path, 30)
+    _checkpoint(tmp_path, 40, complete=False)  # a killed attempt: shards written, no marker
+    assert newest_complete(str(tmp_path)) == (30, str(cut))
+    # A shard of the newest complete one is cut off on disk afterwards: its size no longer matches the marker.
+    shard = cut / "ds" / "zero_pp_rank_1_optim_states.pt"
+    with shard.open("r+b") as f:
+        f.truncate(37)
+    assert newest_complete(str(tmp_path)) == (20, str(tmp_path / "step_00000020"))
+    shard.unlink()
+    assert newest_complete(str(tmp_path))[0] == 20
+    # A marker cut off mid-write (not valid JSON) is no marker.
+    (tmp_path / "step_00000020" / COMPLETE).write_text('{"step": 20, "fi')
+    assert newest_complete(str(tmp_path))[0] == 10
+    assert not list(tmp_path.rglob("*.tmp*")), "the marker's temp file is renamed away"
+    assert newest_complete(str(tmp_path / "absent")) is None
+
+
+def test_prune_keeps_the_newest_complete_and_drops_leftovers(tmp_path):
+    for step in (5, 10, 15):
+        _checkpoint(tmp_path, step)
+    _checkpoint(tmp_path, 12, complete=False)  # older than the newest complete: a dead attempt's
+    _checkpoint(tmp_path, 20, complete=False)  # newer: maybe being written right now, so kept
+    assert prune_checkpoints(str(tmp_path), keep=2) == [5, 12]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000015", "step_00000020"]
+
+
+# --- kill -9 of a Ray Train worker ---------------------------------------------------------------------------
+
+def own_processes(marker: str) -> list[psutil.Process]:
+    """This session's processes (descendants of the pytest process) whose command line holds ``marker``."""
+    found = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return sorted(found, key=lambda p: p.pid)
+
+
+class KillWhenCheckpointed(threading.Thread):
+    """Once ``root/step_N`` is complete, SIGKILL one of this session's Ray Train worker processes, once."""
+
+    def __init__(self, root: str, step: int, which: int = -1, timeout: float = 600):
+        super().__init__(daemon=True)
+        self.root, self.step, self.which, self.timeout = root, step, which, timeout
+        self.killed_at: float | None = None
+        self.pid: int | None = None
+        self.newest_at_kill: int | None = None
+
+    def run(self) -> None:
+        marker = Path(self.root, f"step_{self.step:08d}", COMPLETE)
+        deadline = time.monotonic() + self.timeout
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        workers = own_processes("RayTrainWorker")
+        if not workers:
+            return
+        victim = workers[self.which]
+        os.kill(victim.pid, signal.SIGKILL)
+        self.killed_at, self.pid = time.time(), victim.pid
+        time.sleep(3)  # a survivor may still finish a marker whose shards were all written: that one counts
+        found = newest_complete(self.root)
+        self.newest_at_kill = found[0] if found else None
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _max_abs_diff(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+def _check_killed_run(clean, killed, killer: KillWhenCheckpointed, total: int, keep: int, every: int) -> dict:
+    from zephyr_ray.train.metrics import read_metrics
+
+    assert killer.pid is not None, "the worker was never killed"
+    restarts = [json.loads(line) for line in (killed.output_dir / "restarts.jsonl").read_text().splitlines()]
+    # Resumed from the newest checkpoint complete when the attempt died, never an older one or step 0.
+    assert [r["step"] for r in restarts] == [killer.newest_at_kill]
+    assert killer.newest_at_kill >= killer.step
+    ma, mb = read_metrics(clean.output_dir), read_metrics(killed.output_dir)
+    assert [m["step"] for m in mb] == [m["step"] for m in ma] == list(range(1, total + 1)), "every step once"
+    assert [m["loss"] for m in mb] == pytest.approx([m["loss"] for m in ma], abs=1e-4)
+    diff = _max_abs_diff(clean.model_dir, killed.model_dir)
+    assert diff <= 1e-4, diff
+    # train.keep_checkpoints holds, counting the ones Ray never registered; no half-written one is left.
+    root = Path(killer.root)
+    left = sorted(int(p.name[5:]) for p in root.iterdir())
+    assert left == list(range(every, total + 1, every))[-keep:], left
+    assert all((root / f"step_{s:08d}" / COMPLETE).exists() for s in left)
+    recovery = restarts[0]["time"] - killer.killed_at
+    return {"killed_pid": killer.pid, "resumed_at": restarts[0]["step"], "recovery_s": round(recovery, 1),
+            "max_abs_weight_diff": diff}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kill9_of_a_train_worker_resumes_from_the_newest_complete_checkpoint_sft(ray_cluster, tiny_model, tmp_path):
+    from zephyr_ray.config import load_config
+    from zephyr_ray.train.loop import checkpoint_root
+    from zephyr_ray.train.sft import run_sft
+
+    total, every, keep = 12, 3, 2
+    common = [f"model.path={tiny_model}", "wandb.enabled=false", f"train.max_steps={total}",
+              f"train.checkpoint_every={every}", f"train.keep_checkpoints={keep}", "run.max_failures=1"]
+    clean = run_sft(load_config(ROOT / "configs/tiny/sft.yaml", [*common, f"run.output_dir={tmp_path / 'clean'}"]))
+    cfg = load_config(ROOT / "configs/tiny/sft.yaml", [*common, f"run.output_dir={tmp_path / 'killed'}"])
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).absolute())
+    killer = KillWhenCheckpointed(checkpoint_root(cfg), step=3)
+    killer.start()
+    killed = run_sft(cfg)
+    killer.join(timeout=10)
+    figures = _check_killed_run(clean, killed, killer, total, keep, every)
+    print("dSFT kill -9:", figures)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kill9_of_rank0_resumes_from_the_newest_complete_checkpoint_dpo(ray_cluster, tiny_model, tmp_path):
+    from zephyr_ray.config import DPORecipe, load_config
+    from zephyr_ray.data.io import write_jsonl
+    from zephyr_ray.data.samples import sample_preferences
+    from zephyr_ray.train.dpo import run_dpo
+    from zephyr_ray.train.loop import checkpoint_root
+
+    pairs = write_jsonl(sample_preferences(48, seed=2), tmp_path / "prefs.jsonl")
+    total, every, keep = 10, 2, 2
+    common = [f"model.path={tiny_model}", "wandb.enabled=false", f"data.path={pairs}", "train.epochs=4",
+              "train.micro_batch_size=4", f"train.max_steps={total}", f"train.checkpoint_every={every}",
+              f"train.keep_checkpoints={keep}", "run.max_failures=1", "data.shuffle=false"]
+    clean = run_dpo(load_config(ROOT / "configs/tiny/dpo.yaml", [*common, f"run.output_dir={tmp_path / 'clean'}"],
+                                DPORecipe))
+    cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [*common, f"run.output_dir={tmp_path / 'killed'}"], DPORecipe)
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).absolute())
+    killer = KillWhenCheckpointed(checkpoint_root(cfg), step=4, which=0)  # the lowest pid: usually rank 0
+    killer.start()
+    killed = run_dpo(cfg)
+    killer.join(timeout=10)
+    figures = _check_killed_run(clean, killed, killer, total, keep, every)
+    print("dDPO kill -9:", figures)
+
