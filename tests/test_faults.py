@@ -69,6 +69,65 @@ def test_prune_keeps_the_newest_complete_and_drops_leftovers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000015", "step_00000020"]
 
 
+
+def test_a_cut_off_pool_part_is_deleted_and_its_units_redone(tmp_path):
+    from zephyr_ray.generation.pool import KEY, _write_part, done_keys, read_parts
+
+    _write_part(tmp_path, ["a", "b"], [{KEY: "a", "x": 1}, {KEY: "b", "x": 2}])
+    _write_part(tmp_path, ["c"], [{KEY: "c", "x": 3}])
+    parts = sorted(tmp_path.glob("part-*.parquet"))
+    cut = next(p for p in parts if "c" in read_parts_keys(p))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a writer killed mid-write, or a bad copy
+    assert done_keys(tmp_path) == {"a", "b"}  # c is redone, never loaded
+    assert not cut.exists()
+    assert read_parts(tmp_path).column(KEY).to_pylist() == ["a", "b"]
+
+
+def read_parts_keys(part: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(part).column("key").to_pylist()
+
+
+class _AddOne:
+    """A stand-in for a frozen model's actor: adds ``y = x + 1`` (no model to load)."""
+
+    def __init__(self, threads=None):
+        pass
+
+    def __call__(self, batch):
+        import pyarrow.compute as pc
+
+        return batch.append_column("y", pc.add(batch["x"], 1))
+
+
+@pytest.mark.ray
+def test_a_cut_off_frozen_pass_part_is_redone_never_loaded(ray_cluster, tmp_path):
+    import ray.data
+
+    from zephyr_ray.config import ActorPoolConfig
+    from zephyr_ray.train.frozen import frozen_pass
+
+    def run():
+        ds = ray.data.from_items([{"x": i} for i in range(40)], override_num_blocks=4)
+        out = frozen_pass(ds, _AddOne, {}, ActorPoolConfig(batch_size=10, num_cpus_per_actor=0.5), tmp_path / "p",
+                          {"v": 1})
+        return sorted((r["x"], r["y"]) for r in out.take_all())
+
+    assert run() == [(i, i + 1) for i in range(40)]
+    success = json.loads((tmp_path / "p" / "_SUCCESS").read_text())
+    parts = sorted((tmp_path / "p").glob("*.parquet"))
+    assert success["files"] == {p.name: p.stat().st_size for p in parts} and parts
+    mtimes = {p.name: p.stat().st_mtime_ns for p in parts}
+    assert run() == [(i, i + 1) for i in range(40)]
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "p").glob("*.parquet"))} == mtimes
+    with parts[0].open("r+b") as f:
+        f.truncate(parts[0].stat().st_size - 9)  # cut off after the pass finished: footer gone
+    assert run() == [(i, i + 1) for i in range(40)]  # redone, not loaded (a cut-off part would not read)
+    assert json.loads((tmp_path / "p" / "_SUCCESS").read_text())["files"] == {
+        p.name: p.stat().st_size for p in sorted((tmp_path / "p").glob("*.parquet"))}
+
+
 # --- kill -9 of a Ray Train worker ---------------------------------------------------------------------------
 
 def own_processes(marker: str) -> list[psutil.Process]:
