@@ -251,3 +251,133 @@ def test_kill9_of_rank0_resumes_from_the_newest_complete_checkpoint_dpo(ray_clus
     figures = _check_killed_run(clean, killed, killer, total, keep, every)
     print("dDPO kill -9:", figures)
 
+
+# --- kill -9 of an actor of a pool -------------------------------------------------------------------------
+
+class KillWhenWritten(threading.Thread):
+    """SIGKILL this session's process whose command line holds ``marker`` (an actor of the pool), once: when
+    ``folder`` holds a ``*.parquet`` file, or (``folder`` None) once the actor has used ``cpu_s`` CPU seconds."""
+
+    def __init__(self, folder: Path | None, marker: str, cpu_s: float = 0.0, timeout: float = 300):
+        super().__init__(daemon=True)
+        self.folder, self.marker, self.cpu_s, self.timeout = folder, marker, cpu_s, timeout
+        self.pid: int | None = None
+        self.written_at_kill = 0
+
+    def _due(self, actor: psutil.Process) -> bool:
+        if self.folder is not None:
+            return bool(list(self.folder.glob("*.parquet")))
+        try:
+            t = actor.cpu_times()
+        except psutil.Error:
+            return False
+        return t.user + t.system >= self.cpu_s
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            actors = own_processes(self.marker)
+            if actors and self._due(actors[0]):
+                self.written_at_kill = len(list(self.folder.glob("*.parquet"))) if self.folder else 0
+                os.kill(actors[0].pid, signal.SIGKILL)
+                self.pid = actors[0].pid
+                return
+            time.sleep(0.02)
+
+
+def _pool_kill(run, folder: Path | None, marker: str, cpu_s: float = 0.0):
+    killer = KillWhenWritten(folder, marker, cpu_s)
+    killer.start()
+    t0 = time.monotonic()
+    result = run()
+    killer.join(timeout=5)
+    assert killer.pid is not None, f"no {marker} actor was killed (the pass ended first?)"
+    return result, killer, time.monotonic() - t0
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_kill9_of_a_generation_actor_and_a_judge_actor_loses_no_row_and_repeats_none(ray_cluster, tmp_path):
+    from dataclasses import replace
+
+    from zephyr_ray.config import AIFRecipe, GenerateRecipe, PromptsConfig, load_config
+    from zephyr_ray.feedback.aif import _judge, load_completions
+    from zephyr_ray.generation.pool import KEY
+    from zephyr_ray.generation.run import run_generate
+
+    n = 24
+    overrides = [f"prompts.limit={n}", "engine.rows_per_task=2", "engine.batch_size=2", "sampling.temperature=0",
+                 "sampling.max_new_tokens=12"]
+
+    def gen(out):
+        return run_generate(load_config(ROOT / "configs/tiny/generate.yaml", [f"run.output_dir={out}", *overrides],
+                                        GenerateRecipe))
+
+    clean = _jsonl(gen(tmp_path / "clean"))
+    path, killer, seconds = _pool_kill(lambda: gen(tmp_path / "killed"), tmp_path / "killed" / "completions" / "tiny-a",
+                                       "_EngineActor")
+    killed = _jsonl(path)
+    ids = [r["prompt_id"] for r in killed]
+    assert sorted(ids) == sorted(set(ids)) == [f"prompt-0-{i:05d}" for i in range(n)]  # each row exactly once
+    assert killed == clean
+    print(f"generation actor kill -9: pid {killer.pid} after {killer.written_at_kill} parts; pass {seconds:.1f} s")
+
+    aif = load_config(ROOT / "configs/tiny/aif.yaml", [], AIFRecipe)
+    judge = replace(aif.judges[0], engine=replace(aif.judges[0].engine, rows_per_task=2, batch_size=2,
+                                                   threads_per_actor=1))
+    judge = replace(judge, aspects=judge.aspects[:2])
+
+    def rate(out):
+        table = _judge(load_completions(str(tmp_path / "clean" / "completions.jsonl"), PromptsConfig()), judge, out)
+        return sorted(table.to_pylist(), key=lambda r: r[KEY])
+
+    clean_scores = rate(tmp_path / "judge-clean")
+    scores, killer, seconds = _pool_kill(lambda: rate(tmp_path / "judge-killed"),
+                                         tmp_path / "judge-killed" / "scores" / judge.engine.name, "_EngineActor")
+    keys = [r[KEY] for r in scores]
+    assert len(keys) == len(set(keys)) == n
+    assert scores == clean_scores
+    print(f"judge actor kill -9: pid {killer.pid} after {killer.written_at_kill} parts; pass {seconds:.1f} s")
+
+
+@pytest.mark.ray
+def test_kill9_of_a_reference_logprob_actor_loses_no_pair_and_repeats_none(ray_cluster, tiny_model, tmp_path):
+    import functools
+
+    import pyarrow.parquet as pq
+
+    from zephyr_ray.config import DPORecipe, load_config
+    from zephyr_ray.data.io import write_jsonl
+    from zephyr_ray.data.pipeline import stage_dataset
+    from zephyr_ray.data.preference import preference_examples, preference_schema
+    from zephyr_ray.data.readers import read_rows
+    from zephyr_ray.data.samples import sample_preferences
+    from zephyr_ray.train.dpo import REF_COLUMNS, precompute_reference
+
+    pairs = write_jsonl(sample_preferences(400, seed=3), tmp_path / "prefs.jsonl")
+    cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [f"model.path={tiny_model}", f"data.path={pairs}",
+                                                       "data.shuffle=false", "dpo.ref.batch_size=2",
+                                                       "dpo.ref.threads_per_actor=1"], DPORecipe)
+
+    def ref_pass(out: Path) -> dict:
+        examples = functools.partial(preference_examples, max_prompt_length=cfg.dpo.max_prompt_length)
+        ds = stage_dataset(read_rows(str(pairs)), examples, preference_schema(), tiny_model, cfg.data)
+        precompute_reference(ds, tiny_model, out, cfg)
+        table = pq.read_table(out / "ref_logps")
+        ids = [tuple(s) for s in table.column("sample_ids").to_pylist()]
+        assert len(ids) == len(set(ids)), "a pair written twice"
+        return dict(zip(ids, zip(*(table.column(c).to_pylist() for c in REF_COLUMNS), strict=True), strict=True))
+
+    t0 = time.monotonic()
+    clean = ref_pass(tmp_path / "clean")
+    clean_s = time.monotonic() - t0
+    # Ray Data writes the pass's Parquet at its end: kill once the actor has worked a few CPU seconds
+    # (loading the model takes about one).
+    killed, killer, seconds = _pool_kill(lambda: ref_pass(tmp_path / "killed"), None, "ReferenceLogps", cpu_s=3.0)
+    assert killed.keys() == clean.keys() and len(clean) > 0
+    for key, (chosen, rejected) in clean.items():
+        assert killed[key] == pytest.approx((chosen, rejected), abs=1e-5), key
+    print(f"reference actor kill -9: pid {killer.pid}; pass {seconds:.1f} s (clean {clean_s:.1f} s)")
