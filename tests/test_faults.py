@@ -381,3 +381,52 @@ def test_kill9_of_a_reference_logprob_actor_loses_no_pair_and_repeats_none(ray_c
     for key, (chosen, rejected) in clean.items():
         assert killed[key] == pytest.approx((chosen, rejected), abs=1e-5), key
     print(f"reference actor kill -9: pid {killer.pid}; pass {seconds:.1f} s (clean {clean_s:.1f} s)")
+
+
+# --- kill -9 of the pipeline driver, then --resume ---------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kill9_of_the_pipeline_driver_mid_dsft_then_resume_continues_from_its_checkpoint(ray_cluster, tmp_path,
+                                                                                          monkeypatch):
+    import subprocess
+    import sys
+
+    from zephyr_ray import pipeline
+    from zephyr_ray.train.metrics import read_metrics
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    overrides = [f"pipeline.runs_dir={runs}", "sft.train.epochs=1", "sft.train.max_steps=8",
+                 "sft.train.checkpoint_every=2", "sft.run.max_failures=0", "wandb.mode=disabled"]
+    proc = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "pipeline", "--config",
+                             "configs/tiny/pipeline.yaml", *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None and not list(
+            runs.glob(f"*/sft/ray/*/checkpoints/step_{2:08d}/{COMPLETE}")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and whatever it started in its session
+    killed_at = time.time()
+    proc.wait()
+    run_dir = next(runs.iterdir())
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["sft"]["status"] == "running"  # died without a word
+    while own_processes("RayTrainWorker") and time.monotonic() < deadline:
+        time.sleep(0.2)  # Ray ends the dead driver's job: its workers go (they may finish one more checkpoint)
+    on_disk = newest_complete(str(next(run_dir.glob("sft/ray/*/checkpoints"))))[0]
+    assert on_disk >= 2
+
+    def stop(*args):
+        raise KeyboardInterrupt  # the check ends after dSFT
+    monkeypatch.setitem(pipeline.RUNNERS, "aif", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(resume=run_dir, echo=lambda s: None)
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["stages"]["sft"]["status"] == "done" and m["stages"]["sft"]["attempts"] == 2
+    restarts = [json.loads(line) for line in (run_dir / "sft" / "restarts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in restarts] == [on_disk]
+    assert [x["step"] for x in read_metrics(run_dir / "sft")] == list(range(1, 9))
+    print(f"pipeline driver kill -9: resumed dSFT at step {restarts[0]['step']} (newest complete at kill: {on_disk}),"
+          f" {restarts[0]['time'] - killed_at:.1f} s after the kill (includes the resume's planning)")
