@@ -430,3 +430,76 @@ def test_kill9_of_the_pipeline_driver_mid_dsft_then_resume_continues_from_its_ch
     assert [x["step"] for x in read_metrics(run_dir / "sft")] == list(range(1, 9))
     print(f"pipeline driver kill -9: resumed dSFT at step {restarts[0]['step']} (newest complete at kill: {on_disk}),"
           f" {restarts[0]['time'] - killed_at:.1f} s after the kill (includes the resume's planning)")
+
+
+# --- user errors as one line, exit code 2, the trace in a log file -----------------------------------------
+
+def _cli(*args: str, env: dict | None = None, cwd: Path = ROOT):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "zephyr_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def _one_line_error(proc, *parts: str) -> Path:
+    """Exit code 2, no traceback on stderr, the last line names what is wrong and the log with the trace."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    for part in parts:
+        assert part in last, last
+    log = Path(last.rsplit("(full trace: ", 1)[1].rstrip(")"))
+    assert "Traceback" in log.read_text()
+    return log
+
+
+def test_missing_paths_fail_before_ray_starts_with_one_line(tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = _cli("sft", "--config", "configs/tiny/sft.yaml", f"data.path={tmp_path}/nope.jsonl", f"model.path={empty}",
+                f"run.output_dir={out}", env={"RAY_ADDRESS": "127.0.0.1:1"})  # would fail loudly if Ray were used
+    log = _one_line_error(proc, "config error:", f"data.path={tmp_path}/nope.jsonl: no such file",
+                          f"model.path={empty}: the folder has no config.json")
+    assert log == out / "error.log"  # the run folder's, named on the line
+    assert time.monotonic() - t0 < 60
+    # A path that is a file where a model folder is needed; the distillation teacher and a pipeline section.
+    proc = _cli("sft", "--config", "configs/tiny/sft_distill.yaml", f"distill.teacher={tmp_path}/t",
+                f"run.output_dir={out}")
+    _one_line_error(proc, f"distill.teacher={tmp_path}/t: no such model folder")
+    proc = _cli("pipeline", "--config", "configs/tiny/pipeline.yaml", f"aif.prompts.path={tmp_path}/p.jsonl",
+                f"pipeline.runs_dir={tmp_path}/runs")
+    log = _one_line_error(proc, f"aif.prompts.path={tmp_path}/p.jsonl: no such file")
+    assert log.name.startswith("zephyr-ray-error-") and not (tmp_path / "runs").exists()  # before any run folder
+    log.unlink()
+
+
+def test_pipeline_chained_paths_are_not_checked_but_the_users_are():
+    from zephyr_ray.config import PipelineRecipe, load_config
+    from zephyr_ray.inputs import pipeline_path_problems
+
+    assert pipeline_path_problems(load_config(ROOT / "configs/tiny/pipeline.yaml", [], PipelineRecipe)) == []
+    cfg = load_config(ROOT / "configs/tiny/pipeline.yaml", ["eval.judge.engine.path=./no/judge"], PipelineRecipe)
+    assert pipeline_path_problems(cfg) == [
+        "eval.judge.engine.path=./no/judge: no such model folder; set eval.judge.engine.path to an existing folder "
+        "or a hub id"]
+    # A hub id is not a local path: left to the loader.
+    hub = load_config(ROOT / "configs/tiny/pipeline.yaml", ["sft.model.path=HuggingFaceH4/zephyr-7b-beta"],
+                      PipelineRecipe)
+    assert pipeline_path_problems(hub) == []
+
+
+@pytest.mark.ray
+def test_a_bad_row_found_on_the_cluster_ends_in_one_line_and_exit_code_2(ray_cluster, tmp_path):
+    rows = [json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})] * 3
+    rows.insert(1, "{not json")
+    rows.append(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}))
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    env = {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = _cli("sft", "--config", "configs/tiny/sft.yaml", f"data.path={data}", f"run.output_dir={tmp_path / 'run'}",
+                "wandb.enabled=false", "data.shuffle=false", env=env)
+    log = _one_line_error(proc, "bad input row:", f"{data} line 2")  # the first bad row; line 5 (role) is next
+    assert log == tmp_path / "run" / "error.log"
