@@ -128,6 +128,36 @@ def test_a_cut_off_frozen_pass_part_is_redone_never_loaded(ray_cluster, tmp_path
         p.name: p.stat().st_size for p in sorted((tmp_path / "p").glob("*.parquet"))}
 
 
+def test_after_a_restart_wandb_gets_no_step_twice_and_metrics_jsonl_every_step_once(tmp_path):
+    from zephyr_ray.config import WandbConfig
+    from zephyr_ray.train.metrics import MetricsLogger, read_metrics
+
+    from .wandb_records import _parse
+
+    cfg = WandbConfig(mode="offline", group="g")
+    first = MetricsLogger(tmp_path, cfg, "run", {}, 0)
+    for step in range(1, 6):  # the attempt that dies after step 5; its last checkpoint is step 3
+        first.log({"step": step, "loss": 10.0 - step})
+    first.close()
+    second = MetricsLogger(tmp_path, cfg, "run", {}, resume_step=3)
+    for step in range(4, 8):
+        second.log({"step": step, "loss": 10.0 - step})
+    second.close()
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 8))
+    deadline = time.monotonic() + 20
+    while True:  # W&B's service may still be flushing the second file after finish() returned
+        try:
+            runs = [_parse(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
+        except AssertionError:
+            runs = []
+        if (len(runs) == 2 and all(r.run_id for r in runs)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id  # one W&B run, resumed
+    steps = [h["step"] for run in runs for h in run.history]
+    assert sorted(steps) == list(range(1, 8)), steps  # every step once
+
+
 # --- kill -9 of a Ray Train worker ---------------------------------------------------------------------------
 
 def own_processes(marker: str) -> list[psutil.Process]:
