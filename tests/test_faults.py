@@ -128,6 +128,7 @@ def test_a_cut_off_frozen_pass_part_is_redone_never_loaded(ray_cluster, tmp_path
         p.name: p.stat().st_size for p in sorted((tmp_path / "p").glob("*.parquet"))}
 
 
+
 def test_after_a_restart_wandb_gets_no_step_twice_and_metrics_jsonl_every_step_once(tmp_path):
     from zephyr_ray.config import WandbConfig
     from zephyr_ray.train.metrics import MetricsLogger, read_metrics
@@ -533,3 +534,26 @@ def test_a_bad_row_found_on_the_cluster_ends_in_one_line_and_exit_code_2(ray_clu
                 "wandb.enabled=false", "data.shuffle=false", env=env)
     log = _one_line_error(proc, "bad input row:", f"{data} line 2")  # the first bad row; line 5 (role) is next
     assert log == tmp_path / "run" / "error.log"
+
+
+# --- results where they last under `ray job submit` --------------------------------------------------------
+
+def test_under_a_ray_job_relative_outputs_go_to_the_persistent_base(tmp_path, monkeypatch, capsys):
+    from zephyr_ray.cluster import BASE_ENV, open_run, output_path
+    from zephyr_ray.config import ConfigError, SFTRecipe, load_config
+    from zephyr_ray.pipeline import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert output_path("runs/x") == tmp_path / "runs" / "x"  # not a job: the working directory, as before
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job's driver
+    monkeypatch.setenv(BASE_ENV, str(tmp_path / "base"))
+    cfg = load_config(ROOT / "configs/tiny/sft.yaml", ["run.output_dir=runs/sft"], SFTRecipe)
+    assert open_run(cfg) == tmp_path / "base" / "runs" / "sft" and cfg.run.output_dir == str(tmp_path / "base/runs/sft")
+    assert new_run_dir("runs").parent == tmp_path / "base" / "runs"
+    assert output_path("/abs/x") == Path("/abs/x")  # absolute paths are the user's
+    assert f"resolve against {tmp_path / 'base'}" in capsys.readouterr().out
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(BASE_ENV, str(tmp_path / "file" / "base"))
+    with pytest.raises(ConfigError, match=f"{BASE_ENV}=.*file/base: not writable"):
+        output_path("runs/x")
