@@ -557,3 +557,32 @@ def test_under_a_ray_job_relative_outputs_go_to_the_persistent_base(tmp_path, mo
     monkeypatch.setenv(BASE_ENV, str(tmp_path / "file" / "base"))
     with pytest.raises(ConfigError, match=f"{BASE_ENV}=.*file/base: not writable"):
         output_path("runs/x")
+
+
+# --- a lost node (ray.cluster_utils.Cluster) ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_lost_node_resumes_from_the_newest_complete_checkpoint_once_capacity_returns(tiny_model, tmp_path):
+    """A head and two worker nodes (``tests/lost_node.py``, its own ``ray.cluster_utils.Cluster`` in a child
+    process): the node of a Train worker is removed after the step-2 checkpoint, a replacement joins 5 s later,
+    and the run finishes from the newest complete checkpoint on the storage every node sees."""
+    import subprocess
+    import sys
+
+    from zephyr_ray.train.metrics import read_metrics
+
+    proc = subprocess.run([sys.executable, "-m", "tests.lost_node", str(tmp_path), tiny_model], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "lost_node.json").read_text())
+    assert record["driver_rc"] == 0, record["driver_tail"]
+    run = Path(record["run_dir"])
+    restarts = [json.loads(line) for line in (run / "restarts.jsonl").read_text().splitlines()]
+    # The newest checkpoint complete when the node went (step 2, or one the survivors had finished).
+    assert [r["step"] for r in restarts] == [record["newest_complete"]] and record["newest_complete"] >= 2
+    assert restarts[0]["time"] > record["replaced_at"]  # it waited for capacity, then went on
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 9))
+    assert Path(record["checkpoints"]).is_relative_to(tmp_path / "shared")  # run.storage_path
+    print(f"lost node: worker {record['worker_pid']}'s node removed, newest complete {record['newest_complete']}, "
+          f"replaced {record['replaced_at'] - record['removed_at']:.1f} s later; resumed at step "
+          f"{restarts[0]['step']} {restarts[0]['time'] - record['removed_at']:.1f} s after the loss")
