@@ -270,7 +270,8 @@ def test_kill9_of_rank0_resumes_from_the_newest_complete_checkpoint_dpo(ray_clus
     total, every, keep = 10, 2, 2
     common = [f"model.path={tiny_model}", "wandb.enabled=false", f"data.path={pairs}", "train.epochs=4",
               "train.micro_batch_size=4", f"train.max_steps={total}", f"train.checkpoint_every={every}",
-              f"train.keep_checkpoints={keep}", "run.max_failures=1", "data.shuffle=false"]
+              f"train.keep_checkpoints={keep}", "run.max_failures=1", "data.shuffle=false",
+              "dpo.ref.mode=online"]  # the reference actor pool has its own kill test
     clean = run_dpo(load_config(ROOT / "configs/tiny/dpo.yaml", [*common, f"run.output_dir={tmp_path / 'clean'}"],
                                 DPORecipe))
     cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [*common, f"run.output_dir={tmp_path / 'killed'}"], DPORecipe)
@@ -294,6 +295,7 @@ class KillWhenWritten(threading.Thread):
         self.folder, self.marker, self.cpu_s, self.timeout = folder, marker, cpu_s, timeout
         self.pid: int | None = None
         self.written_at_kill = 0
+        self.restarted = False
 
     def _due(self, actor: psutil.Process) -> bool:
         if self.folder is not None:
@@ -312,7 +314,11 @@ class KillWhenWritten(threading.Thread):
                 self.written_at_kill = len(list(self.folder.glob("*.parquet"))) if self.folder else 0
                 os.kill(actors[0].pid, signal.SIGKILL)
                 self.pid = actors[0].pid
-                return
+                break
+            time.sleep(0.02)
+        while self.pid is not None and time.monotonic() < deadline and not self.restarted:
+            # Ray brings a new actor up to redo the dead one's task: proof the kill landed mid-pass.
+            self.restarted = any(p.pid != self.pid for p in own_processes(self.marker))
             time.sleep(0.02)
 
 
@@ -323,6 +329,7 @@ def _pool_kill(run, folder: Path | None, marker: str, cpu_s: float = 0.0):
     result = run()
     killer.join(timeout=5)
     assert killer.pid is not None, f"no {marker} actor was killed (the pass ended first?)"
+    assert killer.restarted, f"no {marker} actor came up after the kill"
     return result, killer, time.monotonic() - t0
 
 
@@ -339,7 +346,7 @@ def test_kill9_of_a_generation_actor_and_a_judge_actor_loses_no_row_and_repeats_
     from zephyr_ray.generation.pool import KEY
     from zephyr_ray.generation.run import run_generate
 
-    n = 24
+    n = 16
     overrides = [f"prompts.limit={n}", "engine.rows_per_task=2", "engine.batch_size=2", "sampling.temperature=0",
                  "sampling.max_new_tokens=12"]
 
