@@ -25,6 +25,8 @@ the JSON). ``same_text``: the served greedy texts equal the in-process ones.
 
     .venv/bin/python bench/serve_load.py [--models tiny,medium] [--max-tokens 64] [--concurrency 1,8,32]
         [--requests 24] [--rounds 2] [--threads 1] [--out bench/results/serve_load.json]
+    .venv/bin/python bench/serve_load.py --kill-replica [--kill-clients 16] [--kill-after-s 45]
+        (a replica SIGKILLed under load: failed requests, kill -> first new success; serve_replica_kill.json)
 """
 
 from __future__ import annotations
@@ -329,6 +331,89 @@ def bench_model(kind: str, a: argparse.Namespace, levels: list[int], conversatio
             "same_text_prompts": len(common), "goals": goals, "all_rounds": results}
 
 
+def bench_replica_kill(a: argparse.Namespace, conversations: list, work: Path) -> dict:
+    """``--kill-replica``: the tiny model on 2 replicas, ``--kill-clients`` streaming clients in a closed loop;
+    once every client has had a success, one replica process is SIGKILLed, and the clients go on for
+    ``--kill-after-s`` seconds. Reports the requests that failed (by error), the time from the kill to the first
+    success of a request sent after it, and to the replica's return (2 replica processes again)."""
+    import httpx
+    import psutil
+    import ray
+    from ray import serve
+
+    from zephyr_ray.config import ServeRecipe, load_config
+    from zephyr_ray.serve.app import build_app
+
+    path = build_model("tiny", work / "tiny")
+    port = free_port()
+    cfg = load_config(ROOT / "configs/tiny/serve.yaml", [
+        f"engine.path={path}", "engine.name=bench", f"serve.port={port}", f"serve.torch_threads={a.threads}",
+        "serve.num_replicas=2", "serve.num_cpus=0.5", f"run.output_dir={work}"], ServeRecipe)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg, api_key=None), name="bench-kill", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def replicas() -> list:
+        out = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "ServeReplica:bench-kill" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    records: list[dict] = []
+    state: dict = {}
+
+    async def client(http, c: int) -> None:
+        one = http_request(http, url, "bench", a.max_tokens, True)
+        i = c
+        while "killed" not in state or time.time() < state["killed"] + a.kill_after_s:
+            t0 = time.time()
+            try:
+                await asyncio.wait_for(one(conversations[i % len(conversations)]), timeout=120)
+                outcome = "ok"
+            except asyncio.TimeoutError:
+                outcome = "hang (120 s)"
+            except Exception as e:  # noqa: BLE001 (reported by kind)
+                outcome = f"{type(e).__name__}: {str(e)[:48]}"
+            records.append({"start": t0, "end": time.time(), "outcome": outcome})
+            i += a.kill_clients
+
+    async def killer() -> None:
+        while sum(r["outcome"] == "ok" for r in records) < a.kill_clients:
+            await asyncio.sleep(0.05)
+        victim = replicas()[0]
+        victim.kill()
+        state["killed"] = time.time()
+        while len(replicas()) < 2:
+            await asyncio.sleep(0.2)
+        state["back"] = time.time()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=600) as http:
+            await asyncio.gather(killer(), *[client(http, c) for c in range(a.kill_clients)])
+
+    try:
+        asyncio.run(run())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    killed = state["killed"]
+    failed = [r for r in records if r["outcome"] != "ok"]
+    after = [r for r in records if r["start"] > killed]
+    first_new = min((r["end"] for r in after if r["outcome"] == "ok"), default=None)
+    late = [r for r in records if r["start"] > killed + 30]
+    return {"replicas": 2, "clients": a.kill_clients, "max_tokens": a.max_tokens, "requests": len(records),
+            "failed": len(failed), "failed_by_error": {k: sum(r["outcome"] == k for r in failed)
+                                                      for k in sorted({r["outcome"] for r in failed})},
+            "kill_to_first_new_success_s": None if first_new is None else first_new - killed,
+            "kill_to_replica_back_s": state.get("back", float("nan")) - killed,
+            "sent_30s_after_kill": len(late), "sent_30s_after_kill_failed": sum(r["outcome"] != "ok" for r in late)}
+
+
 def print_table(results: list[dict], levels: list[int]) -> None:
     head = (f"{'model':7} {'side':10} {'mode':6} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
             f"{'ttft p50':>9} {'ttft p95':>9} {'batch':>6} {'foreign':>7}")
@@ -367,6 +452,10 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve.batch_wait_timeout_s x 1000 "
                     "(default: the config's)")
+    ap.add_argument("--kill-replica", action="store_true", help="instead: the replica-kill check (2 replicas, "
+                    "--kill-clients streaming clients, one replica SIGKILLed); see bench_replica_kill")
+    ap.add_argument("--kill-clients", type=int, default=16)
+    ap.add_argument("--kill-after-s", type=float, default=45.0, help="how long the clients go on after the kill")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args()
     levels = [int(x) for x in a.concurrency.split(",")]
@@ -384,6 +473,15 @@ def main() -> None:
     prompts, source = load_prompts(a.prompts)
     print(f"{len(prompts)} prompts from {source}", flush=True)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
+    if a.kill_replica:
+        out = a.out if a.out != DEFAULT_OUT else DEFAULT_OUT.with_name("serve_replica_kill.json")
+        with tempfile.TemporaryDirectory(prefix="serve_kill_") as work:
+            report = bench_replica_kill(a, conversations, Path(work))
+        report["loadavg_end"] = list(os.getloadavg())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return
     clock = CpuClock()
     started = time.time()
     before = clock.sample()

@@ -344,3 +344,21 @@ def test_embedded_smollm2_resolves_from_the_install_cache(monkeypatch):
     assert "<|im_start|>" in tok.chat_template
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user\nhi<|im_end|>\n" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_paths_checked_before_ray_accept_gguf_files_and_embedded_names(tiny_gguf, tmp_path, monkeypatch):
+    """The pre-Ray path check (zephyr_ray/inputs.py) takes an existing .gguf file and an installed embedded name,
+    and names a missing .gguf file or an embedded model whose package is absent."""
+    from zephyr_ray.config import SFTRecipe, load_config
+    from zephyr_ray.inputs import path_problems
+
+    def problems(model_path: str) -> list[str]:
+        return path_problems(load_config(None, [f"model.path={model_path}"], SFTRecipe))
+
+    assert problems(str(tiny_gguf)) == []
+    missing = tmp_path / "nope.gguf"
+    assert problems(str(missing)) == [f"model.path={missing}: no such GGUF file; set model.path to an existing "
+                                      ".gguf file"]
+    monkeypatch.setitem(gguf_import.EMBEDDED_MODELS, "fake-model", ("no_such_pkg_zr", "x.gguf", "pip install x"))
+    [line] = problems("fake-model")
+    assert line.startswith("model.path=fake-model: ") and "no_such_pkg_zr" in line and "pip install x" in line

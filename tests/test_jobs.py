@@ -174,3 +174,21 @@ def test_ray_job_submit_generate(ray_head: Head, tmp_path):
         assert r["prompt"] and isinstance(r["completion"], str) and r["completion"]
         assert r["model"] == "tiny-a" and 0 < r["completion_tokens"] <= 8
     assert "RAY_ADDRESS" not in os.environ
+
+
+def test_a_job_with_a_relative_output_dir_writes_under_the_persistent_base(ray_head: Head, tmp_path):
+    """The job's working directory is Ray's per-session copy (deleted with the session): a relative
+    ``run.output_dir`` resolves against ``ZEPHYR_RAY_BASE`` instead, which the driver prints."""
+    base = tmp_path / "base"
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"ZEPHYR_RAY_BASE": str(base)}}
+    submit = ray_head.ray(
+        "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
+        "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/generate.py", "--config",
+        "configs/tiny/generate.yaml", "prompts.limit=2", "sampling.max_new_tokens=4", "run.output_dir=runs/gen",
+        timeout=JOB_TIMEOUT_S,
+    )
+    out = submit.stdout + submit.stderr
+    assert submit.returncode == 0 and _status(_job_id(out), out) == "SUCCEEDED", out[-4000:]
+    assert f"relative run and output paths resolve against {base}" in out
+    rows = [json.loads(line) for line in (base / "runs" / "gen" / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and f"completions: {base / 'runs' / 'gen' / 'completions.jsonl'}" in out

@@ -13,10 +13,12 @@ from zephyr_ray.config import (
     EvalRecipe,
     GenerateRecipe,
     LeaderboardRecipe,
+    PipelineRecipe,
     SelfInstructRecipe,
     SFTRecipe,
     load_config,
 )
+from zephyr_ray.inputs import check_paths, pipeline_path_problems, user_error, write_trace
 
 
 def _sft(cfg: SFTRecipe) -> str:
@@ -80,9 +82,22 @@ STAGES = {
 }
 
 
+def _loaded(args: argparse.Namespace, schema: type) -> object:
+    """The recipe, its input paths checked before Ray starts; its run folder noted for the error log."""
+    cfg = load_config(args.config, args.overrides, schema)
+    args.run_dir = getattr(getattr(cfg, "run", None), "output_dir", None)
+    if schema is PipelineRecipe:
+        problems = pipeline_path_problems(cfg)
+        if problems:
+            raise ConfigError("; ".join(problems))
+    else:
+        check_paths(cfg)
+    return cfg
+
+
 def _run_stage(args: argparse.Namespace) -> int:
     schema, run, _ = STAGES[args.command]
-    print(run(load_config(args.config, args.overrides, schema)))
+    print(run(_loaded(args, schema)))
     return 0
 
 
@@ -98,20 +113,22 @@ def _serve(args: argparse.Namespace) -> int:
     from zephyr_ray.config import ServeRecipe
     from zephyr_ray.serve.app import run_server
 
-    cfg = load_config(args.config, args.overrides, ServeRecipe)
+    cfg = _loaded(args, ServeRecipe)
     run_server(cfg, detach=args.detach, ready=lambda msg: print(msg, flush=True))
     return 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from zephyr_ray.config import PipelineRecipe
     from zephyr_ray.pipeline import run_pipeline
 
     if (args.config is None) == (args.resume is None):
         raise ConfigError("pipeline needs exactly one of --config FILE and --resume runs/<id>")
     if args.resume and args.overrides:
         raise ConfigError("--resume continues a run with the config it started with; overrides are not allowed")
-    cfg = load_config(args.config, args.overrides, PipelineRecipe) if args.config else None
+    if args.resume:
+        args.run_dir = args.resume
+    cfg = _loaded(args, PipelineRecipe) if args.config else None
+    args.run_dir = args.resume  # a new run's folder does not exist yet
     run_pipeline(cfg, resume=args.resume, echo=lambda msg: print(msg, flush=True))
     return 0
 
@@ -152,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a user error ends as one line and exit code 2; anything else keeps its traceback
+        message = user_error(exc)
+        if message is None:
+            raise
+        trace = write_trace(exc, getattr(args, "run_dir", None))
+        print(f"{message} (full trace: {trace})", file=sys.stderr)
         return 2
 
 

@@ -5,10 +5,45 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from zephyr_ray.config import to_dict
+from zephyr_ray.config import ConfigError, to_dict
+
+# Where relative run and output paths go under `ray job submit` (whose working directory is Ray's per-session
+# copy of --working-dir, deleted with the session). Default ~/zephyr-ray; on a cluster, shared storage.
+BASE_ENV = "ZEPHYR_RAY_BASE"
+_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a job's driver (ray._private.runtime_env.constants)
+_announced: set[str] = set()
+
+
+def job_base() -> Path | None:
+    """The persistent folder relative outputs resolve against when this driver is a Ray job (None otherwise):
+    ``$ZEPHYR_RAY_BASE`` or ``~/zephyr-ray``, created, printed once; an unwritable one is a config error."""
+    if _JOB_ENV not in os.environ:
+        return None
+    base = Path(os.environ.get(BASE_ENV) or "~/zephyr-ray").expanduser().absolute()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{BASE_ENV}={base}: not writable ({exc.strerror or exc}); set {BASE_ENV} to a writable "
+                          "folder (shared storage on a cluster) for this job's results") from None
+    if str(base) not in _announced:
+        _announced.add(str(base))
+        print(f"Ray job: relative run and output paths resolve against {base} (set {BASE_ENV} to change)", flush=True)
+    return base
+
+
+def output_path(path: str | Path) -> Path:
+    """``path`` made absolute: against ``job_base()`` under a Ray job, else against the working directory."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    base = job_base()
+    return base / p if base is not None else p.absolute()
 
 
 def ensure_ray() -> None:
@@ -39,9 +74,9 @@ def free_port() -> int:
 
 def open_run(cfg: Any) -> Path:
     """``cfg.run.output_dir``, made absolute in ``cfg`` (Ray workers run in another directory, so a relative
-    path would send their metrics, checkpoints and exported model there), created, with the resolved config
-    written to ``config.json``."""
-    out = Path(cfg.run.output_dir).absolute()
+    path would send their metrics, checkpoints and exported model there; under a Ray job it goes to
+    ``job_base()``), created, with the resolved config written to ``config.json``."""
+    out = output_path(cfg.run.output_dir)
     cfg.run.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

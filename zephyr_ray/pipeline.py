@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from zephyr_ray.cluster import output_path
 from zephyr_ray.config import (
     PROJECT_ROOT,
     AIFRecipe,
@@ -161,7 +162,7 @@ class Manifest:
 def new_run_dir(runs_dir: str | Path) -> Path:
     """``runs_dir/<UTC timestamp>`` (absolute: every stage and Ray worker gets the same path), with a suffix
     when two runs start within the same second."""
-    base = Path(runs_dir).absolute() / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    base = output_path(runs_dir) / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir, n = base, 1
     while True:
         try:
@@ -360,7 +361,7 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
     from zephyr_ray.cluster import ensure_ray
 
     if resume is not None:
-        run_dir = Path(resume).absolute()
+        run_dir = output_path(resume)
         manifest = Manifest.load(run_dir)
         cfg = from_dict(manifest.data["config"], PipelineRecipe)
         manifest.data["resumed"].append(_now())

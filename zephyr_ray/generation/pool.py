@@ -46,11 +46,18 @@ def resolve_engine(cfg: EngineConfig, models_dir: Path) -> EngineConfig:
 
 
 def done_keys(out_dir: Path) -> set[str]:
+    """Keys of every readable part. A part cut off on disk (no Parquet footer, unreadable column) is deleted
+    with a warning, so its units are redone rather than loaded."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     keys: set[str] = set()
     for part in sorted(out_dir.glob("part-*.parquet")):
-        keys.update(pq.read_table(part, columns=[KEY]).column(KEY).to_pylist())
+        try:
+            keys.update(pq.read_table(part, columns=[KEY]).column(KEY).to_pylist())
+        except (pa.ArrowException, OSError) as e:
+            log.warning("%s is cut off or unreadable (%s): deleted, its units are redone", part, e)
+            part.unlink()
     return keys
 
 

@@ -63,20 +63,35 @@ def pass_dir(out: Path, name: str, split: str) -> Path:
     return out / (name if split == "train" else f"{name}_{split}")
 
 
+def _part_sizes(target: Path) -> dict[str, int]:
+    """Name -> size of the pass's Parquet files (recorded in ``_SUCCESS``, checked before reuse)."""
+    return {p.name: p.stat().st_size for p in sorted(target.glob("*.parquet"))}
+
+
+def _read_success(done: Path) -> dict[str, Any]:
+    try:
+        return json.loads(done.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def frozen_pass(dataset: ray.data.Dataset, actor: type[FrozenModel], kwargs: dict[str, Any], pool: ActorPoolConfig,
                 target: Path, fingerprint: dict[str, Any]) -> ray.data.Dataset:
     """``dataset`` with ``actor``'s columns, streamed once through ``pool`` and written to Parquet at ``target``;
     training then streams from there. ``target/_SUCCESS`` records ``fingerprint`` (everything the columns depend
-    on) and the pass's seconds: a rerun reuses the folder only if the fingerprint still matches, and a
-    half-written folder is cleared first."""
+    on), the pass's seconds and each part's size: a rerun reuses the folder only if the fingerprint still matches
+    and no part was cut off since; otherwise (or for a half-written folder) it is cleared and redone."""
     import ray.data
 
     done = target / "_SUCCESS"
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+    record = _read_success(done)
+    if record.get("fingerprint") == fingerprint and record.get("files") == _part_sizes(target):
         log.info("reusing %s", target)
     else:
         if target.exists():
-            log.info("clearing %s (%s)", target, "other settings" if done.exists() else "an unfinished pass")
+            why = ("other settings" if record.get("fingerprint", fingerprint) != fingerprint
+                   else "parts changed or cut off since" if record else "an unfinished pass")
+            log.info("clearing %s (%s)", target, why)
             shutil.rmtree(target)
         t0 = time.perf_counter()
         dataset.map_batches(
@@ -86,6 +101,9 @@ def frozen_pass(dataset: ray.data.Dataset, actor: type[FrozenModel], kwargs: dic
             fn_constructor_kwargs={**kwargs, "threads": pool.threads_per_actor},
         ).write_parquet(str(target))
         seconds = time.perf_counter() - t0
-        done.write_text(json.dumps({"seconds": round(seconds, 3), "fingerprint": fingerprint}))
+        tmp = target / "_SUCCESS.tmp"  # written whole, then renamed: a cut-off marker is no marker
+        tmp.write_text(json.dumps({"seconds": round(seconds, 3), "fingerprint": fingerprint,
+                                   "files": _part_sizes(target)}))
+        tmp.replace(done)
         log.info("%s written in %.1f s", target, seconds)
     return ray.data.read_parquet(str(target))

@@ -12,7 +12,7 @@ from typing import Any
 
 from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import DataConfig, TrainingRecipe, resolve_path, to_dict
-from zephyr_ray.train.loop import StepPlan, extensions_cache
+from zephyr_ray.train.loop import StepPlan, extensions_cache, ray_storage
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def fit(train_fn: Callable[[dict[str, Any]], None], cfg: TrainingRecipe, dataset
 
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    storage = cfg.run.storage_path or str(Path(cfg.run.output_dir, "ray").absolute())
+    storage = ray_storage(cfg)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"recipe": to_dict(cfg), "plan": plan.__dict__, "model_path": model_path, "eval": eval_data},

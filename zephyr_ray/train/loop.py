@@ -73,22 +73,142 @@ def _has_frozen(engine: Any) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any]) -> None:
-    """Every rank writes its DeepSpeed shards and reports; Ray Train merges them into one checkpoint."""
+COMPLETE = "COMPLETE"  # a checkpoint's completion marker, written last (atomically) by rank 0
+
+
+def ray_storage(cfg: TrainingRecipe) -> str:
+    """Ray Train's storage: ``run.storage_path``, else ``<output_dir>/ray`` (absolute unless a URI)."""
+    storage = cfg.run.storage_path or str(Path(cfg.run.output_dir, "ray"))
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def checkpoint_root(cfg: TrainingRecipe) -> str:
+    """Where the run's checkpoints go: ``<storage>/<run.name>/checkpoints/step_N``, next to Ray's own files,
+    so on a cluster they are on the storage every node sees."""
+    return f"{ray_storage(cfg).rstrip('/')}/{cfg.run.name}/checkpoints"
+
+
+def checkpoint_storage(root: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of the checkpoint folder ``root`` (a local path or a URI such as s3://)."""
+    import pyarrow.fs
+
+    if "://" in root:
+        return pyarrow.fs.FileSystem.from_uri(root)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(root)
+
+
+def _step_dirs(fs: Any, base: str) -> dict[int, str]:
+    import pyarrow.fs
+
+    found = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
+        name = info.base_name
+        if info.type == pyarrow.fs.FileType.Directory and name.startswith("step_") and name[5:].isdigit():
+            found[int(name[5:])] = info.path
+    return found
+
+
+def _files(fs: Any, path: str) -> dict[str, int]:
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    return {i.path[len(path) + 1:]: i.size for i in infos
+            if i.type == pyarrow.fs.FileType.File and not i.base_name.startswith((COMPLETE, ".tmp"))}
+
+
+def is_complete(fs: Any, path: str) -> bool:
+    """Has the marker, and every file it lists is there with its size (a file cut off later is caught too)."""
+    import pyarrow.fs
+
+    marker = f"{path}/{COMPLETE}"
+    if fs.get_file_info(marker).type != pyarrow.fs.FileType.File:
+        return False
+    try:
+        with fs.open_input_stream(marker) as f:
+            listed = json.loads(f.read().decode())["files"]
+    except (ValueError, KeyError, OSError):
+        return False
+    present = _files(fs, path)
+    return all(present.get(name) == size for name, size in listed.items())
+
+
+def newest_complete(root: str) -> tuple[int, str] | None:
+    """(step, path) of the newest complete checkpoint under ``root``, or None."""
+    fs, base = checkpoint_storage(root)
+    for step, path in sorted(_step_dirs(fs, base).items(), reverse=True):
+        if is_complete(fs, path):
+            return step, path
+    return None
+
+
+def _write_atomic(fs: Any, path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, path)  # a rename on a filesystem; one object PUT (already atomic) on object stores
+
+
+def prune_checkpoints(root: str, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints, and every incomplete one older than the
+    newest complete (a killed attempt's leftovers). Returns the deleted steps."""
+    fs, base = checkpoint_storage(root)
+    dirs = _step_dirs(fs, base)
+    complete = [s for s in sorted(dirs, reverse=True) if is_complete(fs, dirs[s])]
+    newest = complete[0] if complete else None
+    doomed = complete[max(keep, 1):] + [s for s in dirs if s not in complete and newest is not None and s < newest]
+    for step in doomed:
+        fs.delete_dir(dirs[step])
+    return sorted(doomed)
+
+
+def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any], root: str, keep: int) -> None:
+    """Our completion protocol (Ray Train registers a checkpoint only once its controller has every worker's
+    report, so a hard kill of one worker loses finished ones): every rank writes its DeepSpeed shards to
+    ``root/step_N``, then after a barrier rank 0 writes the ``COMPLETE`` marker (with each file's size) last,
+    atomically, and prunes to ``keep``. Only then are the metrics reported."""
+    import pyarrow.fs
     import ray.train
 
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=DS_TAG, client_state={"trainer_state": asdict(state)},
-                               exclude_frozen_parameters=_has_frozen(engine))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    fs, base = checkpoint_storage(root)
+    path = f"{base}/step_{state.step:08d}"
+    kwargs = {"tag": DS_TAG, "client_state": {"trainer_state": asdict(state)},
+              "exclude_frozen_parameters": _has_frozen(engine)}
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        engine.save_checkpoint(path, **kwargs)
+    else:  # object store: write locally, upload this rank's files
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, **kwargs)
+            pyarrow.fs.copy_files(d, path, destination_filesystem=fs)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        files = _files(fs, path)
+        _write_atomic(fs, f"{path}/{COMPLETE}", json.dumps({"step": state.step, "world": dist.get_world_size(),
+                                                             "time": time.time(), "files": files}))
+        prune_checkpoints(root, keep)
+    ray.train.report(metrics)
 
 
-def restore_checkpoint(engine: Any) -> TrainerState | None:
+def restore_checkpoint(engine: Any, root: str) -> TrainerState | None:
+    """Load the newest complete checkpoint under ``root`` (rank 0 picks, everyone loads the same one);
+    incomplete ones are never loaded, and rank 0 deletes them. One Ray hands back is used only when ``root``
+    holds none (a run checkpointed by an older version)."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
+    choice = [newest_complete(root) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    found = choice[0]
+    if dist.get_rank() == 0:
+        fs, base = checkpoint_storage(root)
+        for step, path in _step_dirs(fs, base).items():
+            if found is None or (step != found[0] and not is_complete(fs, path)):
+                log.warning("deleting incomplete checkpoint %s", path)
+                fs.delete_dir(path)
+    if found is not None:
+        ckpt = ray.train.Checkpoint(found[1], filesystem=checkpoint_storage(root)[0])
+    else:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
     with ckpt.as_directory() as d:
         _, client = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not _has_frozen(engine))
     return TrainerState(**client["trainer_state"])
@@ -192,7 +312,7 @@ def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: TrainingRec
                 with trace.open("a") as f:
                     f.write(json.dumps({"step": state.step, "ids": [i for b in group for s in b["sample_ids"] for i in s]}) + "\n")
             if state.step % tc.checkpoint_every == 0 or state.step == plan.total_steps:
-                save_checkpoint(engine, state, metrics)
+                save_checkpoint(engine, state, metrics, checkpoint_root(cfg), tc.keep_checkpoints)
             if tc.inject_failure_at_step == state.step and not resumed:
                 raise RuntimeError(f"injected failure after step {state.step} (train.inject_failure_at_step)")
         if state.step >= plan.total_steps:
@@ -236,7 +356,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model)
     engine.train()
     objective = make_objective(cfg, model_path, engine.device, trains_one_row(engine.module, cfg.data.packing))
-    restored = restore_checkpoint(engine)
+    restored = restore_checkpoint(engine, checkpoint_root(cfg))
     state = restored or TrainerState()
     if restored and rank == 0:
         log.info("resumed at step %d (epoch %d, micro-batch %d)", state.step, state.epoch, state.micro_batches_in_epoch)

@@ -62,9 +62,12 @@ class MetricsLogger:
                  resume_step: int = 0):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        logged = 0  # the last step the attempt that died logged (W&B has it: never logged twice)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            if resume_step:
+                logged = max((json.loads(line).get("step", 0) for line in lines), default=0)
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._wandb = None
@@ -76,11 +79,14 @@ class MetricsLogger:
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, name=run_name, id=run_id,
                                      resume="allow", dir=str(out_dir), mode=wandb_mode(wandb_cfg), config=config)
+        # W&B's step only goes up: steps redone after a restart (same numbers, exact resume) are not sent again.
+        # Online, the run says where it stands; offline, the previous attempt's metrics.jsonl does.
+        self._wandb_after = max(logged, getattr(self._wandb, "starting_step", 0) - 1) if self._wandb else 0
 
     def log(self, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
-        if self._wandb is not None:
+        if self._wandb is not None and metrics["step"] > self._wandb_after:
             self._wandb.log(metrics, step=metrics["step"])
 
     def close(self) -> None:
