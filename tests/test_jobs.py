@@ -176,19 +176,29 @@ def test_ray_job_submit_generate(ray_head: Head, tmp_path):
     assert "RAY_ADDRESS" not in os.environ
 
 
-def test_a_job_with_a_relative_output_dir_writes_under_the_persistent_base(ray_head: Head, tmp_path):
-    """The job's working directory is Ray's per-session copy (deleted with the session): a relative
-    ``run.output_dir`` resolves against ``ZEPHYR_RAY_BASE`` instead, which the driver prints."""
+def test_the_pipeline_job_with_a_relative_runs_dir_writes_under_the_persistent_base(ray_head: Head, tmp_path):
+    """The README's ``ray job submit ... -- python jobs/pipeline.py``: the job's working directory is Ray's
+    per-session copy (deleted with the session), so the relative ``pipeline.runs_dir`` resolves against
+    ``ZEPHYR_RAY_BASE`` instead, which the driver prints; the run's results and the printed chat line are there.
+    Every stage at its smallest (one step, one or two prompts, a few tokens)."""
     base = tmp_path / "base"
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"ZEPHYR_RAY_BASE": str(base)}}
+    small = ["pipeline.runs_dir=runs", "wandb.mode=disabled", "sft.train.max_steps=1", "sft.data.limit=16",
+             "aif.prompts.limit=2", "aif.sampling.max_new_tokens=4", "dpo.train.max_steps=1",
+             "eval.mt_bench.limit=1", "eval.mt_bench.sampling.max_new_tokens=4", "eval.alpaca_eval.limit=1",
+             "eval.alpaca_eval.sampling.max_new_tokens=4", "eval.judge.sampling.max_new_tokens=4"]
     submit = ray_head.ray(
         "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/generate.py", "--config",
-        "configs/tiny/generate.yaml", "prompts.limit=2", "sampling.max_new_tokens=4", "run.output_dir=runs/gen",
-        timeout=JOB_TIMEOUT_S,
+        "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/pipeline.py", "--config",
+        "configs/tiny/pipeline.yaml", *small, timeout=2 * JOB_TIMEOUT_S,
     )
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0 and _status(_job_id(out), out) == "SUCCEEDED", out[-4000:]
     assert f"relative run and output paths resolve against {base}" in out
-    rows = [json.loads(line) for line in (base / "runs" / "gen" / "completions.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and f"completions: {base / 'runs' / 'gen' / 'completions.jsonl'}" in out
+    [run] = list((base / "runs").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {name: st["status"] for name, st in manifest["stages"].items()} == dict.fromkeys(
+        ["sft", "aif", "dpo", "eval"], "done")
+    assert (run / "summary.json").is_file() and (run / "eval" / "results.json").is_file()
+    assert (run / "dpo" / "model" / "config.json").is_file()
+    assert f"zephyr-ray chat --model {run / 'dpo' / 'model'}" in out

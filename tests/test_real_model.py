@@ -166,3 +166,26 @@ def test_embedded_name_is_a_model_path_for_every_stage(smollm2):
     assert resolve_model_path(NAME, "unused") == smollm2
     assert resolve_engine(EngineConfig(path=NAME), Path("unused")).path == smollm2
     assert (Path(smollm2) / "model.safetensors").is_file()
+
+
+def test_expected_judge_scores_every_answer(smollm2):
+    """SmolLM2 as the MT-Bench and pairwise judge in expected mode (the pipeline demo's judge): a rating in
+    [1, 10] for every answer, the probability-weighted mean of its distribution over 1..10, and a distribution
+    over A / B / tie for every pair; no text, so nothing is unreadable."""
+    from zephyr_ray.eval.judging import PAIRWISE, SINGLE, judge_expected, load_judge_prompts
+    from zephyr_ray.generation.hf import HFEngine
+
+    prompts = load_judge_prompts(str(ROOT / "data/sample/mt_bench/judge_prompts.jsonl"))
+    question = "What is the capital of France?"
+    answers = ["The capital of France is Paris.", "The capital of France is Berlin.", "Bananas are yellow."]
+    convs = [prompts["single-v1"].conversation(question=question, answer=a) for a in answers]
+    convs.append(prompts["pair-v2"].conversation(question=question, answer_a=answers[0], answer_b=answers[1]))
+    engine = HFEngine(EngineConfig(name="judge", max_prompt_length=2048), smollm2)
+    judged = judge_expected(engine, convs, [SINGLE] * 3 + [PAIRWISE])
+    for j in judged[:3]:
+        assert 1 <= j.value <= 10 and len(j.probs) == 10
+        assert abs(sum(j.probs) - 1) < 1e-6
+        assert j.value == pytest.approx(sum(k * p for k, p in enumerate(j.probs, 1)))
+    pair = judged[3]
+    assert len(pair.probs) == 3 and abs(sum(pair.probs) - 1) < 1e-6 and min(pair.probs) >= 0
+    assert pair.value is not None and all(j.text == "" for j in judged)
