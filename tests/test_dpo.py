@@ -16,6 +16,7 @@ from zephyr_ray.train.dpo import collate_pairs, forward_logps
 from zephyr_ray.train.metrics import read_metrics
 
 from .conftest import ROOT, shared_file
+from .wandb_records import read_offline_run
 
 
 def _pairs(tokenizer, n):
@@ -117,16 +118,40 @@ def pairs_file(tmp_path_factory):
     return write_jsonl(sample_preferences(48, seed=2), tmp_path_factory.mktemp("prefs") / "prefs.jsonl")
 
 
+EVAL_KEYS = ["eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
+             "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected"]  # TRL's names
+
+
+def _held_out_metrics(cfg: DPORecipe, policy_dir, reference, tokenizer, raw_rows) -> dict[str, float]:
+    """TRL's eval metrics of ``policy_dir`` against ``reference`` over ``raw_rows``, in-process, one padded batch."""
+    from zephyr_ray.data.preference import preference_examples
+    from zephyr_ray.models import load_model
+    from zephyr_ray.train.losses import preference_loss
+
+    rows, _ = preference_examples(raw_rows, tokenizer, cfg.data, cfg.dpo.max_prompt_length)
+    batch = collate_pairs(_columns(rows), tokenizer.pad_token_id, packing=False)
+    with torch.no_grad():
+        policy, ref = (forward_logps(load_model(m).eval(), batch)[0] for m in (policy_dir, reference))
+    n = len(rows)
+    losses, chosen, rejected = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=cfg.dpo.beta)
+    values = [losses, chosen, rejected, (chosen > rejected).float(), chosen - rejected, policy[:n], policy[n:]]
+    out = {k: v.mean().item() for k, v in zip(EVAL_KEYS, values, strict=True)}
+    return {**out, "min_margin": (chosen - rejected).abs().min().item()}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identically(ray_cluster, tiny_model, pairs_file, tmp_path):
+def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identically(ray_cluster, tiny_model, tokenizer,
+                                                                                   pairs_file, tmp_path):
     from zephyr_ray.train.dpo import run_dpo
 
+    held = sample_preferences(8, seed=9)  # held-out pairs, evaluated every 36 // 10 = 3 steps and at the last
     common = [f"data.path={pairs_file}", "train.epochs=6", "train.micro_batch_size=4", "train.checkpoint_every=4",
-              "train.lr=1e-3", "data.shuffle=false"]
+              "train.lr=1e-3", "data.shuffle=false", f"data.eval_path={write_jsonl(held, tmp_path / 'held.jsonl')}"]
     # a: the config's padding-free layout (a micro-batch's pairs in one row); b: two padded rows per pair.
     # Same numbers either way.
-    a = run_dpo(_cfg(tmp_path / "a", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero2.json"))
+    a = run_dpo(_cfg(tmp_path / "a", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero2.json",
+                     "wandb.enabled=true", "wandb.mode=offline"))
     b = run_dpo(_cfg(tmp_path / "b", tiny_model, *common, "deepspeed.config=configs/deepspeed/zero3.json",
                      "dpo.ref.mode=online", "train.inject_failure_at_step=10", "run.max_failures=1",
                      "data.packing=false"))
@@ -147,6 +172,27 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
     for k in keys:
         assert [m[k] for m in ma] == pytest.approx([m[k] for m in mb], abs=2e-4), k
     assert (a.output_dir / "ref_logps" / "_SUCCESS").exists() and not (b.output_dir / "ref_logps").exists()
+    # Held-out pairs: TRL's eval metrics at exactly steps 3, 6, ..., 36, the same across layouts, reference modes
+    # and the restart; the reference log-probs of a's came from their own actor pass.
+    for m in (ma, mb):
+        assert [r["step"] for r in m if "eval_loss" in r] == list(range(3, 37, 3))
+        assert all(set(EVAL_KEYS) <= set(r) for r in m if "eval_loss" in r)
+        assert all(0 <= r["eval_rewards/accuracies"] <= 1 for r in m if "eval_loss" in r)
+    evals_a, evals_b = ([r for r in m if "eval_loss" in r] for m in (ma, mb))
+    for k in EVAL_KEYS:
+        assert [r[k] for r in evals_a] == pytest.approx([r[k] for r in evals_b], abs=2e-4), k
+    fingerprint = json.loads((a.output_dir / "ref_logps_eval" / "_SUCCESS").read_text())["fingerprint"]
+    assert fingerprint["split"] == "eval" and not (b.output_dir / "ref_logps_eval").exists()
+    report = json.loads((a.output_dir / "data_report.json").read_text())
+    assert (report["rows"], report["eval"]["rows"], report["eval"]["used"]) == (48, 8, 8)
+    # The last evaluation ran on the exported policy: the same numbers in-process.
+    expected = _held_out_metrics(_cfg(tmp_path / "a", tiny_model, *common), a.model_dir, tiny_model, tokenizer, held)
+    for k in EVAL_KEYS:
+        if k != "eval_rewards/accuracies" or expected["min_margin"] > 1e-3:  # no near-tie to flip
+            assert ma[-1][k] == pytest.approx(expected[k], abs=1e-4), k
+    wb = read_offline_run(a.output_dir)  # W&B got the same held-out values at the same steps
+    assert [(h["step"], h["eval_rewards/margins"]) for h in wb.history if "eval_rewards/margins" in h] == \
+        [(r["step"], pytest.approx(r["eval_rewards/margins"])) for r in evals_a]
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(b.model_dir).config.use_cache is True

@@ -115,6 +115,28 @@ def test_summary_table_prints_every_number_and_marks_missing_ones():
     assert table.splitlines()[-1].split()[-2:] == ["40.0%", "62.5%"]
 
 
+def test_summary_shows_the_last_held_out_values_when_a_stage_evaluated(tmp_path):
+    m = pipeline.Manifest.create(tmp_path, _tiny())
+    rows = {"sft": [{"step": 1, "loss": 3.0, "eval_loss": 3.5}, {"step": 2, "loss": 2.0}],
+            "dpo": [{"step": 1, "loss": 0.6, "rewards/accuracies": 0.5, "rewards/margins": 0.1,
+                     "eval_rewards/accuracies": 0.25, "eval_rewards/margins": -0.5},
+                    {"step": 2, "loss": 0.5, "rewards/accuracies": 1.0, "rewards/margins": 0.2,
+                     "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.375}]}
+    for stage, metrics in rows.items():
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        m.stage(stage).update(status="done", artifacts={"metrics": str(tmp_path / stage / "metrics.jsonl")})
+    summary = pipeline.summarize(m)
+    assert summary["sft"] == {"steps": 2, "loss": 2.0, "eval_loss": 3.5}  # the last step that evaluated
+    assert summary["dpo"]["eval_rewards/accuracies"] == 0.75 and summary["dpo"]["eval_rewards/margins"] == 0.375
+    table = pipeline.summary_table(summary)
+    assert "dSFT: final loss 2.000, held-out loss 3.500 after 2 steps" in table
+    assert "at step 2; held-out reward accuracy 0.750, margin 0.375" in table
+    (tmp_path / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # no eval
+    plain = pipeline.summarize(m)["sft"]
+    assert plain == {"steps": 1, "loss": 1.0} and "held-out loss" not in pipeline.summary_table({**summary, "sft": plain})
+
+
 def test_cli_needs_exactly_one_of_config_and_resume(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "pipeline", *args], cwd=ROOT,

@@ -129,3 +129,50 @@ def test_realistic_teacher_set_trains_a_few_steps(ray_cluster, tiny_model, tmp_p
     metrics = read_metrics(result.output_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def _held_out_nll(model_dir: Path, dialogues, max_length: int) -> float:
+    """Token-weighted next-token NLL of ``model_dir`` over the assistant tokens of ``dialogues``, one at a time."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from zephyr_ray.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for d in dialogues:
+        ids = tokenize_messages(tok, d["messages"])
+        inputs, labels = torch.tensor([ids["input_ids"][:max_length]]), torch.tensor(ids["labels"][:max_length])
+        with torch.no_grad():
+            logits = model(input_ids=inputs, use_cache=False).logits[0, :-1]
+        targets = labels[1:]
+        total += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+def test_held_out_loss_at_every_eval_step_survives_a_restart_and_matches_the_model(ray_cluster, tiny_model, tmp_path):
+    from zephyr_ray.data.split import held_out, prompt_text
+
+    dialogues = sample_dialogues(60, seed=3)
+    data = write_jsonl(dialogues, tmp_path / "d.jsonl")
+    cfg = _cfg(tmp_path / "run", tiny_model, f"data.path={data}", "data.eval_fraction=0.25", "train.eval_every=2",
+               "train.max_steps=5", "train.checkpoint_every=2", "train.inject_failure_at_step=3",
+               "run.max_failures=1")
+    result = _run(cfg)
+    metrics = read_metrics(result.output_dir)
+    # One row per step after the restart (from step 2); the held-out loss every 2 steps and at the last.
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4, 5]
+    assert all("eval_runtime" in m for m in metrics if "eval_loss" in m)
+    assert json.loads((result.output_dir / "restarts.jsonl").read_text())["step"] == 2
+    held = [d for d in dialogues if held_out(prompt_text(d), cfg.data.seed, 0.25)]
+    report = json.loads((result.output_dir / "data_report.json").read_text())
+    assert report["eval"]["rows"] == report["eval"]["used"] == len(held) > 0
+    assert report["rows"] == 60 - len(held) and "data.eval_fraction=0.25" in report["eval"]["source"]
+    # The last evaluation ran on the exported weights: token-weighted over every held-out row, both ranks.
+    expected = _held_out_nll(result.model_dir, held, cfg.data.max_length)
+    assert metrics[-1]["eval_loss"] == pytest.approx(expected, abs=1e-4)
+    assert metrics[1]["eval_loss"] > metrics[-1]["eval_loss"]

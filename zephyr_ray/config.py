@@ -99,6 +99,28 @@ class DataConfig:
     # What to do with a dialogue longer than max_length tokens.
     overlong: str = choice("truncate", "skip", "error")
     limit: int | None = None
+    # Held-out rows evaluated during training (train.eval_every): a file/folder/hub id read like path (same format,
+    # eval_split, limit). Exclusive with eval_fraction.
+    eval_path: str | None = None
+    # The split of eval_path to read (datasets folders and hub ids, e.g. test_sft); None = split.
+    eval_split: str | None = None
+    # Share in [0, 1) of path's prompts held out for evaluation instead (data.split.held_out: by a hash of seed
+    # and prompt text, so all rows of one prompt land on one side); 0 = none.
+    eval_fraction: float = 0.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        out = []
+        if not 0 <= self.eval_fraction < 1:
+            out.append(("eval_fraction", "must be within [0, 1)"))
+        if self.eval_fraction and self.eval_path:
+            out.append(("eval_fraction", f"holds out part of data.path, but data.eval_path={self.eval_path!r} is "
+                                         "set too: give one of them"))
+        return out
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_path or self.eval_fraction)
 
 
 @dataclass
@@ -125,6 +147,13 @@ class TrainConfig:
     trace_samples: bool = False
     # Raise at this step in a run that did not start from a checkpoint (exercises fault tolerance).
     inject_failure_at_step: int | None = None
+    # Evaluate on the held-out rows (data.eval_path / data.eval_fraction) every this many steps and at the last;
+    # None = max(1, total steps // 10), i.e. 10 evaluations per run.
+    eval_every: int | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        return [("eval_every", "must be >= 1")] if self.eval_every is not None and self.eval_every < 1 else []
 
 
 @dataclass

@@ -174,11 +174,18 @@ def new_run_dir(runs_dir: str | Path) -> Path:
 # Stages
 # ---------------------------------------------------------------------------------------------------
 
-def _last(metrics_file: Path) -> dict[str, Any]:
+def _last(metrics_file: Path, held_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The last row of a training stage's metrics, plus the last value of each ``held_out`` key (evaluated
+    every few steps only) where the run has one."""
     from zephyr_ray.train.metrics import read_metrics
 
     rows = read_metrics(metrics_file.parent)
-    return rows[-1] if rows else {}
+    last = dict(rows[-1]) if rows else {}
+    for key in held_out:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            last[key] = values[-1]
+    return last
 
 
 def _trained(r: Any) -> dict[str, Any]:
@@ -234,19 +241,26 @@ TITLES = {"sft": "dSFT", "aif": "AI feedback", "dpo": "dDPO", "eval": "evaluatio
 # Summary
 # ---------------------------------------------------------------------------------------------------
 
+# Held-out metrics in the summary when a stage evaluated (data.eval_path / data.eval_fraction).
+SFT_EVAL = ("eval_loss",)
+DPO_EVAL = ("eval_rewards/accuracies", "eval_rewards/margins")
+
+
 def summarize(m: Manifest) -> dict[str, Any]:
     """The numbers a reader wants first, from the stages' own files."""
     stages = m.data["stages"]
     out: dict[str, Any] = {"run_id": m.data["run_id"], "run_dir": m.data["run_dir"],
                            "seconds": {s: v.get("seconds") for s, v in stages.items()}}
     if stages["sft"]["status"] == "done":
-        last = _last(Path(m.artifact("sft", "metrics")))
-        out["sft"] = {"steps": last.get("step"), "loss": last.get("loss")}
+        last = _last(Path(m.artifact("sft", "metrics")), SFT_EVAL)
+        out["sft"] = {"steps": last.get("step"), "loss": last.get("loss"),
+                      **{k: last[k] for k in SFT_EVAL if k in last}}
     if stages["aif"]["status"] == "done":
         out["aif"] = {"pairs": m.artifact("aif", "count"), "skipped": m.artifact("aif", "skipped")}
     if stages["dpo"]["status"] == "done":
-        last = _last(Path(m.artifact("dpo", "metrics")))
-        out["dpo"] = {k: last.get(k) for k in ("step", "loss", "rewards/accuracies", "rewards/margins")}
+        last = _last(Path(m.artifact("dpo", "metrics")), DPO_EVAL)
+        out["dpo"] = {**{k: last.get(k) for k in ("step", "loss", "rewards/accuracies", "rewards/margins")},
+                      **{k: last[k] for k in DPO_EVAL if k in last}}
     if stages["eval"]["status"] == "done":
         results = json.loads(Path(m.artifact("eval", "results")).read_text())
         mt = results.get("mt_bench", {})
@@ -274,13 +288,17 @@ def summary_table(summary: dict[str, Any]) -> str:
     secs = ", ".join(f"{s} {_fmt(v, '.0f')} s" for s, v in summary["seconds"].items())
     lines.append(f"stage time: {secs}")
     if "sft" in summary:
-        lines.append(f"dSFT: final loss {_fmt(summary['sft']['loss'])} after {summary['sft']['steps']} steps")
+        sft = summary["sft"]
+        held_out = f", held-out loss {_fmt(sft['eval_loss'])}" if "eval_loss" in sft else ""
+        lines.append(f"dSFT: final loss {_fmt(sft['loss'])}{held_out} after {sft['steps']} steps")
     if "aif" in summary:
         lines.append(f"AIF: {summary['aif']['pairs']} preference pairs ({summary['aif']['skipped']} prompts skipped)")
     if "dpo" in summary:
         d = summary["dpo"]
+        held_out = (f"; held-out reward accuracy {_fmt(d.get('eval_rewards/accuracies'))}, "
+                    f"margin {_fmt(d.get('eval_rewards/margins'))}") if any(k in d for k in DPO_EVAL) else ""
         lines.append(f"dDPO: loss {_fmt(d['loss'])}, reward accuracy {_fmt(d['rewards/accuracies'])}, "
-                     f"margin {_fmt(d['rewards/margins'])} at step {d['step']}")
+                     f"margin {_fmt(d['rewards/margins'])} at step {d['step']}{held_out}")
     if "eval" in summary:
         e = summary["eval"]
         models = list(e["mt_bench"]) or list(e["win_rate"])

@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Panels per stage: each panel plots these metric keys against the step (keys a run lacks are left out).
-SFT_PANELS: tuple[tuple[str, ...], ...] = (("loss",), ("lr",), ("grad_norm",), ("tokens_per_s",),
-                                           ("nll",), ("distill/divergence", "distill/kl"))  # last two: distillation
-DPO_PANELS: tuple[tuple[str, ...], ...] = (("loss",), ("rewards/accuracies",), ("rewards/margins",),
+# Panels per stage: each panel plots these metric keys against the step (keys a run lacks are left out); the
+# held-out eval_ values (data.eval_path / eval_fraction) share their training value's panel.
+SFT_PANELS: tuple[tuple[str, ...], ...] = (("loss", "eval_loss"), ("lr",), ("grad_norm",), ("tokens_per_s",),
+                                           ("nll", "eval_nll"),  # this and the next: distillation
+                                           ("distill/divergence", "distill/kl"))
+DPO_PANELS: tuple[tuple[str, ...], ...] = (("loss", "eval_loss"), ("rewards/accuracies", "eval_rewards/accuracies"),
+                                           ("rewards/margins", "eval_rewards/margins"),
                                            ("rewards/chosen", "rewards/rejected"))
 
 

@@ -20,7 +20,7 @@ from zephyr_ray.attention import allows_one_row
 from zephyr_ray.config import ConfigError, DistillConfig, SFTRecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.models import DTYPES
-from zephyr_ray.train.frozen import FrozenModel, frozen_pass
+from zephyr_ray.train.frozen import FrozenModel, frozen_pass, pass_dir
 from zephyr_ray.train.losses import distillation_loss, label_logits, teacher_topk
 from zephyr_ray.train.sft import SFTObjective
 
@@ -99,8 +99,10 @@ class TeacherTopK(FrozenModel):
                 TEACHER_LOGPS: pa.ListArray.from_arrays(offsets, pa.array(logps.cpu().numpy().ravel()))}
 
 
-def add_teacher_topk(dataset: Any, model_path: str, out: Path, *, teacher: str, cfg: SFTRecipe) -> Any:
-    """``run_stage``'s ``prepare``: the training rows with the teacher's top-k, under ``out/teacher_topk``."""
+def add_teacher_topk(dataset: Any, model_path: str, out: Path, split: str = "train", *, teacher: str,
+                     cfg: SFTRecipe) -> Any:
+    """``run_stage``'s ``prepare``: the training rows with the teacher's top-k, under ``out/teacher_topk`` (the
+    held-out rows, ``split="eval"``: ``out/teacher_topk_eval``)."""
     from zephyr_ray.config import to_dict
     from zephyr_ray.data.tokenize import cached_tokenizer
 
@@ -109,8 +111,9 @@ def add_teacher_topk(dataset: Any, model_path: str, out: Path, *, teacher: str, 
               "temperature": d.temperature, "dtype": DTYPES[cfg.train.precision],
               "attn": cfg.model.attn_implementation}
     fingerprint = {"teacher": teacher, "student": model_path, "data": to_dict(cfg.data), "top_k": d.top_k,
-                   "temperature": d.temperature, "precision": cfg.train.precision, "attn": cfg.model.attn_implementation}
-    return frozen_pass(dataset, TeacherTopK, kwargs, d, out / "teacher_topk", fingerprint)
+                   "temperature": d.temperature, "precision": cfg.train.precision, "attn": cfg.model.attn_implementation,
+                   "split": split}
+    return frozen_pass(dataset, TeacherTopK, kwargs, d, pass_dir(out, "teacher_topk", split), fingerprint)
 
 
 def teacher_prepare(cfg: SFTRecipe) -> Any:

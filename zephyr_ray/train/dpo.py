@@ -26,7 +26,7 @@ from zephyr_ray.data.tokenize import IGNORE_INDEX
 from zephyr_ray.gguf_import import resolve as resolve_gguf
 from zephyr_ray.models import DTYPES
 from zephyr_ray.train.curves import DPO_PANELS
-from zephyr_ray.train.frozen import FrozenModel, frozen_pass, load_frozen
+from zephyr_ray.train.frozen import FrozenModel, frozen_pass, load_frozen, pass_dir
 from zephyr_ray.train.launch import StageResult, run_stage
 from zephyr_ray.train.lora import without_adapters
 from zephyr_ray.train.losses import label_logits, preference_loss, sequence_logps
@@ -171,16 +171,18 @@ def _reference_fingerprint(model_path: str, cfg: DPORecipe) -> dict[str, Any]:
             "max_prompt_length": cfg.dpo.max_prompt_length, "attn": cfg.model.attn_implementation}
 
 
-def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecipe) -> Any:
+def precompute_reference(dataset: Any, model_path: str, out: Path, cfg: DPORecipe, split: str = "train") -> Any:
     """The pairs with the reference's log-probs, computed once by an actor pool hosting the reference and kept
-    under ``out/ref_logps`` (``frozen_pass``: reused by a rerun with the same settings)."""
+    under ``out/ref_logps`` (held-out pairs: ``out/ref_logps_eval``; ``frozen_pass``: reused by a rerun with the
+    same settings)."""
     from zephyr_ray.data.tokenize import cached_tokenizer
 
     ref = cfg.dpo.ref
     kwargs = {"path": ref.path or model_path, "pad_id": cached_tokenizer(model_path).pad_token_id,
               "packing": cfg.data.packing, "attn": cfg.model.attn_implementation,
               "dtype": DTYPES[cfg.train.precision]}
-    return frozen_pass(dataset, ReferenceLogps, kwargs, ref, out / "ref_logps", _reference_fingerprint(model_path, cfg))
+    return frozen_pass(dataset, ReferenceLogps, kwargs, ref, pass_dir(out, "ref_logps", split),
+                       {**_reference_fingerprint(model_path, cfg), "split": split})
 
 
 def run_dpo(cfg: DPORecipe) -> StageResult:

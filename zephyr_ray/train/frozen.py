@@ -57,6 +57,12 @@ class FrozenModel:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in tensors.items()}
 
 
+def pass_dir(out: Path, name: str, split: str) -> Path:
+    """Where a stage's pass over ``split`` (``train``, or ``eval``: the held-out rows) is kept: ``out/name``,
+    ``out/name_eval``."""
+    return out / (name if split == "train" else f"{name}_{split}")
+
+
 def frozen_pass(dataset: ray.data.Dataset, actor: type[FrozenModel], kwargs: dict[str, Any], pool: ActorPoolConfig,
                 target: Path, fingerprint: dict[str, Any]) -> ray.data.Dataset:
     """``dataset`` with ``actor``'s columns, streamed once through ``pool`` and written to Parquet at ``target``;

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr_ray.cluster import ensure_ray, open_run
-from zephyr_ray.config import TrainingRecipe, resolve_path, to_dict
+from zephyr_ray.config import DataConfig, TrainingRecipe, resolve_path, to_dict
 from zephyr_ray.train.loop import StepPlan, extensions_cache
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,45 @@ def plan_steps(train_rows: int, world: int, cfg: TrainingRecipe) -> tuple[StepPl
     return StepPlan(total_steps=total, micro_batches_per_epoch=micro), train_rows - per_worker * world
 
 
-def fit(train_fn: Callable[[dict[str, Any]], None], cfg: TrainingRecipe, dataset: Any, model_path: str, plan: StepPlan) -> Any:
+def held_out_rows(rows: Any, data: DataConfig) -> tuple[Any, Any, str | None]:
+    """(training rows, held-out raw rows or None, where the held-out rows come from) per ``data.eval_path`` /
+    ``data.eval_fraction``."""
+    from zephyr_ray.data.readers import read_rows
+    from zephyr_ray.data.split import split_held_out
+
+    if data.eval_path:
+        split = data.eval_split or data.split
+        return rows, read_rows(resolve_path(data.eval_path), data.format, split, data.limit), \
+            f"data.eval_path {data.eval_path} (split {split})"
+    if data.eval_fraction:
+        train, held = split_held_out(rows, data.seed, data.eval_fraction)
+        return train, held, f"data.eval_fraction={data.eval_fraction} of the prompts of {data.path} (seed {data.seed})"
+    return rows, None, None
+
+
+def eval_shares(dataset: Any, world: int) -> list[tuple[Any, bool]]:
+    """The stage's held-out rows (tokenized, with any precomputed columns), gathered once on the driver and dealt
+    round-robin to ``world`` ranks: one object-store table per rank, each row in exactly one share. A rank left
+    without a row gets a stand-in row and ``False`` (it runs the forward passes, its sums count 0)."""
+    import pyarrow as pa
+    import ray
+
+    blocks = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(blocks) if blocks else None
+    if table is None or table.num_rows == 0:
+        raise ValueError("the held-out set has no rows to evaluate on (data.eval_path / data.eval_fraction)")
+    shares = []
+    for rank in range(world):
+        rows = list(range(rank, table.num_rows, world))
+        shares.append((ray.put(table.take(rows or [0])), bool(rows)))
+    return shares
+
+
+def fit(train_fn: Callable[[dict[str, Any]], None], cfg: TrainingRecipe, dataset: Any, model_path: str, plan: StepPlan,
+        eval_data: list[tuple[Any, bool]] | None = None) -> Any:
     """Run ``train_fn`` on ``cfg.scaling`` workers, streaming ``dataset`` into them (order preserved, so a
-    restart sees the same shard order and can skip exactly what it had trained on)."""
+    restart sees the same shard order and can skip exactly what it had trained on); ``eval_data``
+    (``eval_shares``) reaches each worker as its share of the held-out rows."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -42,7 +78,7 @@ def fit(train_fn: Callable[[dict[str, Any]], None], cfg: TrainingRecipe, dataset
     storage = cfg.run.storage_path or str(Path(cfg.run.output_dir, "ray").absolute())
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"recipe": to_dict(cfg), "plan": plan.__dict__, "model_path": model_path},
+        train_loop_config={"recipe": to_dict(cfg), "plan": plan.__dict__, "model_path": model_path, "eval": eval_data},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -68,10 +104,11 @@ class StageResult:
 
 
 def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
-              curves: Sequence[Sequence[str]], prepare: Callable[[Any, str, Path], Any] | None = None) -> StageResult:
+              curves: Sequence[Sequence[str]], prepare: Callable[..., Any] | None = None) -> StageResult:
     """A training stage end to end: resolve the model, plan the data on the cluster (validating every
-    row), optionally ``prepare`` the stream (e.g. add reference log-probs), train, export, plot ``curves``
-    (panels of metric keys) to ``curves.png``."""
+    row), optionally ``prepare`` the stream (e.g. add reference log-probs; ``split="eval"`` for the held-out
+    rows), train (evaluating on the held-out rows, if any), export, plot ``curves`` (panels of metric keys) to
+    ``curves.png``."""
     from zephyr_ray.data.pipeline import plan, stage_dataset
     from zephyr_ray.data.readers import read_rows
     from zephyr_ray.models import chat_template_source, resolve_model_path
@@ -85,19 +122,34 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     log.info("chat template of %s: %s", model_path, template)
     ensure_ray()
     rows = read_rows(resolve_path(cfg.data.path), cfg.data.format, cfg.data.split, cfg.data.limit)
+    rows, eval_rows, eval_source = held_out_rows(rows, cfg.data)
     report = plan(rows, examples, model_path, cfg.data)
     step_plan, dropped = plan_steps(report.packed_rows, cfg.scaling.num_workers, cfg)
     summary = {**json.loads(report.to_json()), "dropped_by_equal_split": dropped, "total_steps": step_plan.total_steps}
+    eval_report = None
+    if eval_rows is not None:
+        eval_report = plan(eval_rows, examples, model_path, cfg.data)
+        summary["eval"] = {"source": eval_source, **json.loads(eval_report.to_json())}
     (out / "data_report.json").write_text(json.dumps(summary, indent=2))
     log.info("data: %s", report.summary())
+    if eval_report is not None:
+        log.info("held out for evaluation (%s): %s", eval_source, eval_report.summary())
+        if eval_report.packed_rows == 0:
+            raise ValueError(f"no rows held out for evaluation by {eval_source}: {eval_report.summary()}")
     if dropped:
         log.warning("%d of %d training rows are left out so that each of %d workers gets the same number",
                     dropped, report.packed_rows, cfg.scaling.num_workers)
     dataset = stage_dataset(rows, examples, schema, model_path, cfg.data)
     if prepare is not None:
         dataset = prepare(dataset, model_path, out)
+    eval_data = None
+    if eval_rows is not None:
+        eval_dataset = stage_dataset(eval_rows, examples, schema, model_path, cfg.data)
+        if prepare is not None:
+            eval_dataset = prepare(eval_dataset, model_path, out, split="eval")
+        eval_data = eval_shares(eval_dataset, cfg.scaling.num_workers)
     log.info("training %d steps on %d workers", step_plan.total_steps, cfg.scaling.num_workers)
-    fit(train_fn, cfg, dataset, model_path, step_plan)
+    fit(train_fn, cfg, dataset, model_path, step_plan, eval_data)
     metrics = read_metrics(out)
     plot_curves(metrics, curves, out / "curves.png", title=f"{cfg.run.name}: training curves")
     log.info("%s done: model in %s", cfg.run.name, (out / "model").absolute())

@@ -6,6 +6,7 @@ summed loss); the loop owns streaming, accumulation, normalisation, metrics, che
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -93,13 +94,51 @@ def restore_checkpoint(engine: Any) -> TrainerState | None:
     return TrainerState(**client["trainer_state"])
 
 
+def eval_batches(table: Any, micro_batch_size: int) -> list[dict[str, list]]:
+    """A rank's held-out rows (a pyarrow table) as micro-batches of columns, for ``Objective.collate``."""
+    return [table.slice(i, micro_batch_size).to_pydict() for i in range(0, table.num_rows, micro_batch_size)]
+
+
+def evaluate(engine: Any, objective: Objective, batches: list[dict[str, list]], counted: bool) -> dict[str, float]:
+    """``eval_<key>`` for the loss and every extra of ``objective``, each the mean over every held-out unit (tokens,
+    pairs) of all ranks together: each rank sums over its share, then one all-reduce. No gradient, eval mode.
+    Every rank runs as many forward passes as the busiest (ZeRO-3 gathers parameters collectively): one short of
+    batches (or holding only a stand-in row, ``counted`` false) repeats its first one with weight 0."""
+    device = engine.device
+    passes = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(passes, op=dist.ReduceOp.MAX)
+    units = torch.zeros((), dtype=torch.float64, device=device)
+    sums: dict[str, torch.Tensor] = {}
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for i in range(int(passes.item())):
+                weight = 1.0 if counted and i < len(batches) else 0.0
+                batch = objective.collate(batches[i] if i < len(batches) else batches[0])
+                units += weight * objective.units(batch)
+                loss, extras = objective.loss(engine, _to(batch, device))
+                for k, v in {"loss": loss, **extras}.items():
+                    sums[k] = sums.get(k, 0.0) + weight * v.detach().double()
+    finally:
+        engine.train()
+    keys = sorted(sums)
+    totals = torch.stack([units, *(sums[k] for k in keys)])
+    dist.all_reduce(totals)
+    n, *values = totals.tolist()
+    return {f"eval_{k}": v / max(n, 1.0) for k, v in zip(keys, values, strict=True)}
+
+
 def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: TrainingRecipe, plan: StepPlan, state: TrainerState,
-                 resumed: bool, logger: Any, trace: Path | None) -> TrainerState:
-    """Run optimizer steps until ``plan.total_steps`` or the data's end, checkpointing as configured."""
+                 resumed: bool, logger: Any, trace: Path | None, eval_fn: Callable[[], dict[str, float]] | None = None
+                 ) -> TrainerState:
+    """Run optimizer steps until ``plan.total_steps`` or the data's end, checkpointing as configured; with
+    ``eval_fn`` (the eval metrics), evaluating every ``train.eval_every`` steps and at the last, into that step's
+    metrics."""
     tc = cfg.train
     device = engine.device
     world = dist.get_world_size()
     gas = tc.gradient_accumulation_steps
+    eval_every = tc.eval_every or max(1, plan.total_steps // 10)
     for epoch in range(state.epoch, tc.epochs):
         batches = iter(shard.iter_torch_batches(batch_size=tc.micro_batch_size, collate_fn=objective.collate,
                                                 prefetch_batches=2))
@@ -143,6 +182,10 @@ def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: TrainingRec
                 "tokens_per_s": tokens / elapsed, "samples": state.samples, "tokens": state.tokens,
                 "step_time_s": elapsed, **means,
             }
+            if eval_fn is not None and (state.step % eval_every == 0 or state.step == plan.total_steps):
+                t_eval = time.perf_counter()
+                metrics.update(eval_fn())
+                metrics["eval_runtime"] = time.perf_counter() - t_eval  # TRL's name: seconds of the evaluation
             if logger is not None:
                 logger.log(metrics)
             if trace is not None:
@@ -171,6 +214,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     model_path, device, one_row)``: packed micro-batches as one unpadded row when the model's attention
     allows it), restore, loop, final export."""
     extensions_cache()
+    import ray
     import ray.train
 
     from zephyr_ray.attention import trains_one_row
@@ -203,10 +247,15 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
         trace = out / "samples" / f"rank{rank}.jsonl"
         trace.parent.mkdir(parents=True, exist_ok=True)
         truncate_trace(trace, state.step)
+    eval_fn = None
+    if config.get("eval"):  # this rank's share of the held-out rows (launch.eval_shares)
+        ref, counted = config["eval"][rank]
+        batches = eval_batches(ray.get(ref), cfg.train.micro_batch_size)
+        eval_fn = functools.partial(evaluate, engine, objective, batches, counted)
     logger = MetricsLogger(out, cfg.wandb, cfg.run.name, config["recipe"], state.step) if rank == 0 else None
     try:
         train_epochs(engine, objective, ray.train.get_dataset_shard("train"), cfg, plan, state, restored is not None,
-                     logger, trace)
+                     logger, trace, eval_fn)
         export_hf(engine, load_tokenizer(model_path), out / "model", rank == 0)
     finally:
         if logger is not None:
