@@ -4,6 +4,7 @@ accounting, stop strings, seeded sampling, option probabilities; the OpenAI engi
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from zephyr_ray.config import EngineConfig
-from zephyr_ray.generation import Completion, SamplingParams, ScoringEngine, make_engine
+from zephyr_ray.generation import Completion, SamplingParams, ScoringEngine, make_engine, option_sequences
 from zephyr_ray.generation.hf import HFEngine, _processors
 from zephyr_ray.generation.openai_engine import EndpointError, OpenAIEngine
 
@@ -234,7 +235,7 @@ def test_option_probs_match_manual_softmax(tiny_model, tokenizer, model):
     got = engine.option_probs(CONVERSATIONS, options, prefix="Rating:")
     ids = [tokenizer(o, add_special_tokens=False)["input_ids"][0] for o in options]
     prefix = tokenizer("Rating:", add_special_tokens=False)["input_ids"]
-    assert [engine.option_token(o, "Rating:") for o in options] == ids
+    assert option_sequences(tokenizer, options, "Rating:") == (prefix, [[i] for i in ids])
     for conv, p in zip(CONVERSATIONS, got):
         prompt = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True,
                                                return_dict=True)["input_ids"] + prefix
@@ -244,10 +245,81 @@ def test_option_probs_match_manual_softmax(tiny_model, tokenizer, model):
         assert sum(p) == pytest.approx(1.0, abs=1e-6)
         assert p == pytest.approx(want.tolist(), abs=1e-5)
     assert len({tuple(round(x, 4) for x in p) for p in got}) == len(CONVERSATIONS)  # they depend on the prompt
-    # "Rating: " + "5" merges into one "Ġ5" token; the option is then its standalone token.
-    assert engine.option_token("5", "Rating: ") == ids[4]
-    with pytest.raises(ValueError, match="not a single token"):
-        engine.option_probs(CONVERSATIONS[:1], ["1", "twelve hundred"])
+    # "Rating: " + "5" merges into one "Ġ5" token: the prompt keeps the prefix's own tokens (its "Ġ" included) and
+    # the option is its standalone token (AIF's expected ratings have always been scored so).
+    spaced, seqs = option_sequences(tokenizer, ["5"], "Rating: ")
+    assert tokenizer.convert_ids_to_tokens(spaced)[-1] == "Ġ" and seqs == [[ids[4]]]
+    with pytest.raises(ValueError, match="at least one option"):
+        engine.option_probs(CONVERSATIONS[:1], [])
+
+
+def _brute_force(model, tokenizer, conv, prefix_ids, seqs):
+    """Renormalised P(option) with one full unpadded forward per (conversation, option): the reference."""
+    prompt = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"] + prefix_ids
+    logps = []
+    for seq in seqs:
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(torch.tensor([prompt + seq])).logits[0].float(), dim=-1)
+        logps.append(sum(lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(seq)))
+    return torch.softmax(torch.tensor(logps, dtype=torch.float64), dim=0).tolist()
+
+
+def test_multi_token_options_equal_a_full_forward_per_option(tiny_model, tokenizer, model, monkeypatch):
+    engine = engine_for(tiny_model, tokenizer, model, batch_size=2)
+    convs = CONVERSATIONS[1:4]  # 3 conversations of different lengths: batches of 2 (left padded) and 1
+    tokens = lambda seq: tokenizer.convert_ids_to_tokens(seq)  # noqa: E731
+    # The MT-Bench judge's options: each rating with its closing marker; on the tiny tokenizer every one is three
+    # tokens ("1", "]", "]"), and "10" is one token, so "1]]" and "10]]" differ in their first token already.
+    ratings = [str(k) for k in range(1, 11)]
+    prefix_ids, seqs = option_sequences(tokenizer, ratings, "Rating: [[", "]]")
+    assert tokens(prefix_ids)[-3:] == ["Ġ", "[", "["] and tokens(seqs[0]) == ["1", "]", "]"]
+    assert tokens(seqs[9]) == ["10", "]", "]"]
+    # The boundary: tokenizing the prefill and the option together gives the same tokens (no merge across "[[").
+    for r, seq in zip(ratings, seqs):
+        assert tokenizer(f"Rating: [[{r}]]", add_special_tokens=False)["input_ids"] == prefix_ids + seq
+    # Options of unequal lengths without a marker: "7" one token, "yes" two, "seventeen" six, and "427", which
+    # BPE merges with the prefix's space ("Ġ42", "7"): it is then scored as tokenized alone ("42", "7").
+    mixed = ["7", "yes", "427", "seventeen"]
+    spaced, mixed_seqs = option_sequences(tokenizer, mixed, "Answer: ")
+    assert tokens(spaced)[-1] == "Ġ" and [tokens(s) for s in mixed_seqs[:3]] == [["7"], ["y", "es"], ["42", "7"]]
+    assert len(mixed_seqs[3]) == 6
+    calls = []
+    forward = type(engine.model).forward
+
+    @functools.wraps(forward)
+    def spy(self, *args, **kwargs):
+        cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+        calls.append((kwargs["input_ids"].shape[0], kwargs["input_ids"].shape[1], cached))
+        return forward(self, *args, **kwargs)
+
+    for options, prefix, suffix in ((ratings, "Rating: [[", "]]"), (mixed, "Answer: ", "")):
+        with monkeypatch.context() as m:
+            m.setattr(type(engine.model), "forward", spy)
+            got = engine.option_probs(convs, options, prefix=prefix, suffix=suffix)
+        prefix_ids, seqs = option_sequences(tokenizer, options, prefix, suffix)
+        for conv, p in zip(convs, got):
+            assert sum(p) == pytest.approx(1.0, abs=1e-6)
+            assert p == pytest.approx(_brute_force(model, tokenizer, conv, prefix_ids, seqs), abs=1e-5)
+        # Per batch: the prompt forward once, then one forward of len - 1 tokens over its cache per multi-token
+        # option; never a prompt forward per option.
+        prompts = [c for c in calls if not c[2]]
+        assert [rows for rows, _, _ in prompts] == [2, 1]
+        per_batch = [len(s) - 1 for s in seqs if len(s) > 1]
+        assert [(width, cached) for _, width, cached in calls] == [
+            x for rows, width, _ in prompts for x in [(width, False), *((n, True) for n in per_batch)]]
+        calls.clear()
+
+
+@pytest.mark.parametrize("options, suffix, match", [
+    (["1", "10"], "", "'1' is a prefix of option '10'"),  # P("1") would swallow "10"
+    (["A", "A"], "]]", "'A' is a prefix of option 'A'"),
+])
+def test_options_that_cannot_be_told_apart_are_refused(tokenizer, options, suffix, match):
+    with pytest.raises(ValueError, match=match):
+        option_sequences(tokenizer, options, "[[", suffix)
+    # With the closing marker "1" and "10" are told apart.
+    assert len(option_sequences(tokenizer, ["1", "10"], "[[", "]]")[1]) == 2
 
 
 def test_make_engine_and_param_checks(tiny_model, tmp_path):
@@ -265,6 +337,42 @@ def test_vllm_missing_is_a_clear_import_error(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'zephyr-ray\[gpu\]'"):
         make_engine(EngineConfig(backend="vllm"), tmp_path)
     assert not (tmp_path / "tiny-base").exists()  # failed before building anything
+
+
+
+def test_vllm_option_probs_sum_the_options_prompt_logprobs(tiny_model, tokenizer, model, monkeypatch):
+    """The vLLM engine's scoring on a stand-in ``vllm`` whose ``prompt_logprobs`` come from the tiny model (one
+    full forward per prompt, as vLLM returns them): the same probabilities as the transformers engine."""
+    import types
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.prompts = []
+
+        def generate(self, inputs, sampling, use_tqdm=False):
+            assert sampling.kwargs == {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+            out = []
+            for item in inputs:
+                ids = item["prompt_token_ids"]
+                self.prompts.append(ids)
+                with torch.inference_mode():
+                    lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+                scored = [None] + [{t: types.SimpleNamespace(logprob=lp[j - 1, t].item())} for j, t in
+                                   enumerate(ids) if j]
+                out.append(types.SimpleNamespace(prompt_logprobs=scored))
+            return out
+
+    fake = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(kwargs=kw))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    from zephyr_ray.generation.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(EngineConfig(backend="vllm"), tiny_model)
+    convs = CONVERSATIONS[:2]
+    got = engine.option_probs(convs, ["A", "B", "C"], prefix="[[", suffix="]]")
+    want = engine_for(tiny_model, tokenizer, model).option_probs(convs, ["A", "B", "C"], prefix="[[", suffix="]]")
+    assert len(engine.llm.prompts) == 2 * 3 and all(sum(p) == pytest.approx(1.0) for p in got)
+    for p, q in zip(got, want):
+        assert p == pytest.approx(q, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ openai

@@ -413,6 +413,19 @@ class EvalJudgeConfig:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=2048))
     # Calls per judgment; an unparseable one is retried (new seed, temperature > 0), then counted as failed.
     max_attempts: int = 3
+    # generate: FastChat's way, the judge writes an explanation and [[rating]] / [[A]] (parsed, retried; for
+    # GPT-4-class judges). expected: its answer is prefilled up to the verdict and one forward pass scores the
+    # options (rating = sum_k k * P(k), verdicts as probabilities); a small local judge then scores every answer.
+    # expected needs next-token log-probs: engine.backend transformers or vllm (sampling, max_attempts unused).
+    mode: str = choice("generate", "expected")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        if self.mode == "expected" and self.engine.backend == "openai":
+            return [("mode", "expected scores the options with the judge's log-probabilities, which the openai "
+                             "backend (chat text over HTTP) does not give; use judge.engine.backend=transformers or "
+                             "vllm, or judge.mode=generate")]
+        return []
 
 
 @dataclass

@@ -274,6 +274,8 @@ def summarize(m: Manifest) -> dict[str, Any]:
                          for name, s in alpaca.get("models", {}).items()},
             "reference": alpaca.get("reference"),
             "judge": results.get("judge", {}).get("name"),
+            # generate (parsed text) or expected (probability-weighted): which way every number above was made.
+            "judge_mode": results.get("judge", {}).get("mode", "generate"),
         }
     return out
 
@@ -309,7 +311,8 @@ def summary_table(summary: dict[str, Any]) -> str:
             rows.append([f"win rate vs {e['reference']}",
                          *(_fmt(e["win_rate"].get(n, {}).get("win_rate"), ".1%") for n in models)])
         width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines.append(f"evaluation (judge {e['judge']}):")
+        how = "expected: probability-weighted" if e.get("judge_mode") == "expected" else "generate: parsed ratings"
+        lines.append(f"evaluation (judge {e['judge']}, {how}):")
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, width, strict=True)) for r in rows]
     return "\n".join(lines)
 

@@ -13,25 +13,45 @@ Pure and Ray-free: the eval stage calls :func:`judge_work` inside the judge's ac
 - **Retries**: :func:`judge_with_retries` re-asks the judge about the judgments it could not read (new
   seed; sampling on when the first attempt was greedy), up to ``max_attempts`` calls each; what is still
   unreadable after that is kept with the value ``None`` and counted, never dropped.
+- **Modes** (``eval.judge.mode``): ``generate`` is all of the above (FastChat's way; for GPT-4-class judges).
+  ``expected`` (:func:`judge_expected`, local judges only) asks nothing to be written: the judge's answer is
+  prefilled up to where the verdict goes (``Rating: [[`` for a rating, ``[[`` for a pairwise verdict; the
+  FastChat prompt is unchanged, it asks for an explanation first, but the prefill skips it) and one forward pass
+  gives the distribution over the options ``1``..``10`` (or ``A``, ``B``, ``C`` = tie), each scored with its
+  closing ``]]`` as a whole token sequence (``ScoringEngine.option_probs``). A rating is then
+  ``sum_k k * P(k)``; a verdict is kept as its probabilities, and the win rate uses the probability-weighted
+  preference (:func:`zephyr_ray.eval.pairwise.ordering_score`). A small local judge that never writes a
+  readable ``[[rating]]`` still scores every answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from zephyr_ray.data.schema import BadRowError, RowProblem, RowRef
-from zephyr_ray.feedback.judge import RETRY_TEMPERATURE, fill
+from zephyr_ray.feedback.judge import RETRY_TEMPERATURE, expected_rating, fill
 from zephyr_ray.generation.pool import KEY
 from zephyr_ray.generation.types import Conversation, SamplingParams
 
 SINGLE, PAIRWISE = "single", "pairwise"
 TIE = "tie"
 SCORE_LOW, SCORE_HIGH = 1.0, 10.0
+GENERATE, EXPECTED = "generate", "expected"
+# Expected mode: the judge's answer up to where FastChat's format puts the verdict, the options scored there, and
+# the closing marker each option is scored with ("1]]" vs "10]]": P("1") must not swallow "10").
+EXPECTED_PREFIX = {SINGLE: "Rating: [[", PAIRWISE: "[["}
+EXPECTED_OPTIONS = {SINGLE: [str(k) for k in range(int(SCORE_LOW), int(SCORE_HIGH) + 1)], PAIRWISE: ["A", "B", "C"]}
+EXPECTED_SUFFIX = "]]"
+# What the pairwise options mean (C is FastChat's tie).
+VERDICTS = ("A", "B", TIE)
+# A verdict ("A", "B" or tie; None: unreadable) or, in expected mode, the judge's probabilities {"A", "B", tie}.
+Verdict = str | dict[str, float] | None
 
 # What a prompt of each role must be able to show the judge.
 ROLES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -160,6 +180,33 @@ def parse_verdict(text: str | None) -> str | None:
 PARSERS: dict[str, Callable[[str | None], Any]] = {SINGLE: parse_score, PAIRWISE: parse_verdict}
 
 
+def verdict_probs(verdict: Verdict) -> dict[str, float] | None:
+    """``{"A": p, "B": p, tie: p}`` summing to 1: a verdict as its one-hot distribution, probabilities
+    renormalised; ``None`` when unreadable (or no probability mass)."""
+    if verdict is None:
+        return None
+    if isinstance(verdict, str):
+        if verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {verdict!r}; expected 'A', 'B' or {TIE!r}")
+        return {v: float(v == verdict) for v in VERDICTS}
+    unknown = set(verdict) - set(VERDICTS)
+    if unknown:
+        raise ValueError(f"unknown verdicts {sorted(unknown)} in {verdict!r}; expected 'A', 'B' or {TIE!r}")
+    values = {v: float(verdict.get(v, 0.0)) for v in VERDICTS}
+    total = sum(values.values())
+    if not math.isfinite(total) or total <= 0 or any(x < 0 for x in values.values()):
+        return None
+    return {v: x / total for v, x in values.items()}
+
+
+def decided(verdict: Verdict) -> str | None:
+    """The verdict itself, or the most likely one of a distribution (an exact draw goes to tie, then A)."""
+    probs = verdict_probs(verdict)
+    if probs is None:
+        return None
+    return max((TIE, "A", "B"), key=lambda v: probs[v])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Asking the judge
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +221,8 @@ class Judged:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
+    # Expected mode: the option probabilities (EXPECTED_OPTIONS order); None in generate mode.
+    probs: list[float] | None = None
 
 
 def judge_with_retries(engine: Any, conversations: Sequence[Conversation], parsers: Sequence[Callable[[str], Any]],
@@ -218,16 +267,75 @@ def judge_with_retries(engine: Any, conversations: Sequence[Conversation], parse
     return results
 
 
+def judge_label(name: str, mode: str) -> str:
+    """How a judge's numbers were made, for results.json and the report."""
+    how = "probability-weighted" if mode == EXPECTED else "parsed [[rating]] / [[verdict]] from its text"
+    return f"{name} ({mode}: {how})"
+
+
+def verdict_of(row: dict[str, Any]) -> Any:
+    """A pairwise judgment's verdict: ``{"A": p, "B": p, tie: p}`` in expected mode (its ``probs``), else the
+    parsed verdict (``None``: unreadable)."""
+    probs = row.get("probs")
+    return dict(zip(VERDICTS, probs, strict=True)) if probs is not None else row["verdict"]
+
+
+def _prompt_lengths(engine: Any, conversations: list[Conversation], prefix: str) -> list[int]:
+    """Tokens of each prompt the judge read (conversation + generation prompt + prefix, cut from the left to
+    max_prompt_length) where the engine can tell (transformers, vllm), else 0: truncation is counted from them."""
+    if not callable(getattr(engine, "prompt_ids", None)) or getattr(engine, "tokenizer", None) is None:
+        return [0] * len(conversations)
+    prefix_ids = list(engine.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    return [len(ids) for ids in engine.prompt_ids(conversations, prefix_ids)]
+
+
+def judge_expected(engine: Any, conversations: Sequence[Conversation], kinds: Sequence[str]) -> list[Judged]:
+    """Expected-mode judgments: one ``option_probs`` call per kind (one forward pass per conversation), no text.
+
+    ``Judged.value`` is the expected rating (single) or the most likely verdict (pairwise); ``probs`` holds the
+    option probabilities (``EXPECTED_OPTIONS`` order). A degenerate distribution (NaN) leaves the value ``None``.
+    """
+    if not callable(getattr(engine, "option_probs", None)):
+        raise TypeError(f"judge mode 'expected' needs a local judge with option_probs (a ScoringEngine: the "
+                        f"transformers or vllm backend); {type(engine).__name__} has none; use mode 'generate'")
+    if len(kinds) != len(conversations):
+        raise ValueError(f"{len(kinds)} kinds for {len(conversations)} conversations")
+    results = [Judged("", None, 1) for _ in conversations]
+    for kind in (SINGLE, PAIRWISE):
+        index = [i for i, k in enumerate(kinds) if k == kind]
+        if not index:
+            continue
+        convs = [conversations[i] for i in index]
+        probs = engine.option_probs(convs, EXPECTED_OPTIONS[kind], prefix=EXPECTED_PREFIX[kind], suffix=EXPECTED_SUFFIX)
+        if len(probs) != len(index):
+            raise RuntimeError(f"judge engine returned {len(probs)} results for {len(index)} conversations")
+        lengths = _prompt_lengths(engine, convs, EXPECTED_PREFIX[kind])
+        for i, p, length in zip(index, probs, lengths, strict=True):
+            p = [float(x) for x in p]
+            r = results[i]
+            r.probs, r.prompt_tokens, r.finish_reason = p, length, EXPECTED
+            if kind == SINGLE:
+                r.value = expected_rating(p, int(SCORE_LOW), int(SCORE_HIGH))
+            else:
+                r.value = decided(dict(zip(VERDICTS, p, strict=True)))
+    return results
+
+
 def judge_work(engine: Any, units: list[dict[str, Any]], *, params: SamplingParams, max_attempts: int,
-               judge: str) -> list[dict[str, Any]]:
-    """Pool work: judge every unit (``kind`` single or pairwise, ``messages``, ``meta`` JSON), one row each."""
-    results = judge_with_retries(engine, [u["messages"] for u in units], [PARSERS[u["kind"]] for u in units],
-                                 params, max_attempts)
+               judge: str, mode: str = GENERATE) -> list[dict[str, Any]]:
+    """Pool work: judge every unit (``kind`` single or pairwise, ``messages``, ``meta`` JSON), one row each.
+    ``mode`` generate: FastChat's text, parsed, with retries; expected: :func:`judge_expected`."""
+    if mode == EXPECTED:
+        results = judge_expected(engine, [u["messages"] for u in units], [u["kind"] for u in units])
+    elif mode == GENERATE:
+        results = judge_with_retries(engine, [u["messages"] for u in units], [PARSERS[u["kind"]] for u in units],
+                                     params, max_attempts)
+    else:
+        raise ValueError(f"judge mode must be {GENERATE!r} or {EXPECTED!r}, got {mode!r}")
     return [
-        {KEY: u[KEY], "kind": u["kind"], "meta": u["meta"], "judge": judge, "judgment": r.text,
+        {KEY: u[KEY], "kind": u["kind"], "meta": u["meta"], "judge": judge, "mode": mode, "judgment": r.text,
          "score": r.value if u["kind"] == SINGLE else None, "verdict": r.value if u["kind"] == PAIRWISE else None,
-         "attempts": r.attempts, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-         "finish_reason": r.finish_reason}
+         "probs": r.probs, "attempts": r.attempts, "prompt_tokens": r.prompt_tokens,
+         "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason}
         for u, r in zip(units, results, strict=True)
     ]
-

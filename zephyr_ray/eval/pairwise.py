@@ -5,13 +5,16 @@ first (as assistant A) and once with it second, to cancel position bias.
 
 Maths (pure; :func:`pairwise_stats`, :func:`agreement_stats`):
 
-- per ordering, the model scores 1 for a win, 0.5 for a tie, 0 for a loss (``None``: unreadable verdict);
+- per ordering, the model scores 1 for a win, 0.5 for a tie, 0 for a loss (``None``: unreadable verdict); a
+  judge in expected mode gives probabilities instead of a verdict, and the model's score is then its
+  probability-weighted preference P(its letter) + 0.5 * P(tie) (a verdict is the one-hot case);
 - per instruction, the mean over its readable orderings (an instruction with none is ``unjudged`` and left
   out); the **win rate** is the mean over instructions and its **standard error** the sample standard
   deviation (n - 1) over instructions divided by sqrt(n);
 - **position consistency**: among instructions with both orderings readable, the share where the two agree
-  (the same winner, or a tie both times); **first-position rate**: the share of decisive verdicts that
-  picked the answer shown first (0.5 = no position preference).
+  (the same winner, or a tie both times; in expected mode the most likely verdicts are compared);
+  **first-position rate**: the share of decisive verdicts that picked the answer shown first (0.5 = no position
+  preference; in expected mode P(A) / (P(A) + P(B)) summed over orderings).
 
 Agreement: for preference rows (``output_1`` vs ``output_2`` with a label = P(output_1 is better): 1, 0 or
 0.5 for a tie) the judge's preference p is computed as above with output_1 in the model's place; agreement
@@ -29,20 +32,18 @@ from typing import Any
 from zephyr_ray.data.prompts import prompt_id_of
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem
-from zephyr_ray.eval.judging import TIE
+from zephyr_ray.eval.judging import TIE, Verdict, decided, verdict_probs
 
-Outcome = tuple[str | None, str | None]  # (verdict with the model shown first, verdict with it shown second)
+Outcome = tuple[Verdict, Verdict]  # (with the model shown first, with it shown second)
 
 
-def ordering_score(verdict: str | None, model_first: bool) -> float | None:
-    """The model's score from one verdict: 1 win, 0.5 tie, 0 loss; ``None`` when unreadable."""
-    if verdict is None:
+def ordering_score(verdict: Verdict, model_first: bool) -> float | None:
+    """The model's score from one ordering: 1 win, 0.5 tie, 0 loss, or with probabilities the preference
+    P(model's letter) + 0.5 * P(tie); ``None`` when unreadable."""
+    probs = verdict_probs(verdict)
+    if probs is None:
         return None
-    if verdict == TIE:
-        return 0.5
-    if verdict not in ("A", "B"):
-        raise ValueError(f"unknown verdict {verdict!r}; expected 'A', 'B' or {TIE!r}")
-    return 1.0 if (verdict == "A") == model_first else 0.0
+    return probs["A" if model_first else "B"] + 0.5 * probs[TIE]
 
 
 def instruction_score(outcome: Outcome) -> float | None:
@@ -80,10 +81,12 @@ class PairwiseStats:
 
 
 def _position(outcomes: Sequence[Outcome]) -> tuple[int, int, float | None, float | None]:
-    both = [(ordering_score(a, True), ordering_score(b, False)) for a, b in outcomes if a is not None and b is not None]
+    both = [(ordering_score(decided(a), True), ordering_score(decided(b), False)) for a, b in outcomes
+            if decided(a) is not None and decided(b) is not None]
     consistent = sum(x == y for x, y in both)
-    decisive = [v for o in outcomes for v in o if v in ("A", "B")]
-    first = sum(v == "A" for v in decisive) / len(decisive) if decisive else None
+    mass = [p for o in outcomes for p in map(verdict_probs, o) if p is not None]
+    decisive = sum(p["A"] + p["B"] for p in mass)
+    first = sum(p["A"] for p in mass) / decisive if decisive > 0 else None
     return len(both), consistent, consistent / len(both) if both else None, first
 
 

@@ -74,12 +74,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown_report(results: dict[str, Any], chart: str | None) -> str:
     judge = results["judge"]
+    expected = judge.get("mode") == "expected"
+    how = ("expected mode: no text is generated; the judge's answer is prefilled up to the verdict and every rating "
+           "is sum_k k * P(k) over its probabilities of 1..10, every verdict its probabilities of A, B and tie (one "
+           "forward pass per judgment)" if expected else
+           f"generate mode: its text is parsed for [[rating]] / [[verdict]], up to {judge['max_attempts']} calls "
+           "per judgment")
     lines = [f"# Evaluation: {results['run']}", "",
-             f"Judge: **{judge['name']}** ({judge['backend']}, {judge['model']}), prompts `{judge['prompts']}`, "
-             f"up to {judge['max_attempts']} calls per judgment.", ""]
+             f"Judge: **{judge['name']}** ({judge['backend']}, {judge['model']}), prompts `{judge['prompts']}`; {how}.",
+             ""]
     mt = results.get("mt_bench")
     if mt:
         lines += ["## MT-Bench", "",
+                  f"Judge: {mt.get('judge', judge['name'])}. "
                   f"{mt['questions']} questions from `{mt['source']}`, single-answer grading (1-10) of both turns"
                   + (f"; {', '.join(mt['reference_categories'])} against reference answers."
                      if mt.get("reference_categories") else "."), ""]
@@ -99,8 +106,11 @@ def markdown_report(results: dict[str, Any], chart: str | None) -> str:
     ae = results.get("alpaca_eval")
     if ae and ae.get("models"):
         lines += [f"## AlpacaEval-style win rate against {ae['reference']}", "",
+                  f"Judge: {ae.get('judge', judge['name'])}. "
                   f"{ae['instructions']} instructions from `{ae['source']}`; each pair judged in both orders "
-                  "(ties count half; ± is the standard error over instructions).", ""]
+                  + ("(per order the model's preference is P(its letter) + 0.5 P(tie); W/T/L: preference above, at, "
+                     "below one half; ± is the standard error over instructions)." if expected else
+                     "(ties count half; ± is the standard error over instructions)."), ""]
         rows = []
         for name, s in ae["models"].items():
             rows.append([name, _pct(s["win_rate"]), _pct(s["standard_error"]), f"{s['wins']}/{s['ties']}/{s['losses']}",
@@ -117,15 +127,21 @@ def markdown_report(results: dict[str, Any], chart: str | None) -> str:
     ag = (ae or {}).get("agreement")
     if ag:
         lines += ["## Judge agreement", "",
-                  f"The judge against the labels of `{ag['source']}` ({ag['rows']} preference rows, both orders).", ""]
+                  f"The judge ({ag.get('judge', judge['name'])}) against the labels of `{ag['source']}` "
+                  f"({ag['rows']} preference rows, both orders).", ""]
         lines += _table(["Rows judged", "Agreement %", "± SE %", "Same side %", "Position consistency %", "Parse failures"],
                         [[f"{ag['judged']}/{ag['rows']}", _pct(ag["agreement"]), _pct(ag["standard_error"]), _pct(ag["exact"]),
                           _pct(ag["position_consistency"]), str(ag["parse_failures"])]]) + [""]
     calls = results["judging"]
-    lines += ["## Judging", "",
-              f"{calls['judgments']} judgments, {calls['calls']} judge calls ({calls['retries']} retries of unreadable "
-              f"judgments), {calls['parse_failures']} still unreadable after {judge['max_attempts']} attempts "
-              "(left out of every score above).", ""]
+    if expected:
+        lines += ["## Judging", "",
+                  f"{calls['judgments']} judgments in expected mode, one forward pass each (no text, no retries); "
+                  f"{calls['parse_failures']} without a usable distribution (left out of every score above).", ""]
+    else:
+        lines += ["## Judging", "",
+                  f"{calls['judgments']} judgments, {calls['calls']} judge calls ({calls['retries']} retries of "
+                  f"unreadable judgments), {calls['parse_failures']} still unreadable after {judge['max_attempts']} "
+                  "attempts (left out of every score above).", ""]
     if calls.get("truncated_prompts"):
         lines += [f"**{calls['truncated_prompts']} judge prompts were cut to the judge's max_prompt_length**; raise "
                   "`judge.engine.max_prompt_length`.", ""]

@@ -32,7 +32,20 @@ from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.eval import mt_bench
 from zephyr_ray.eval.inputs import read_input_rows
-from zephyr_ray.eval.judging import PAIRWISE, JudgePrompt, judge_work, load_judge_prompts, require_prompt
+from zephyr_ray.eval.judging import (
+    EXPECTED,
+    EXPECTED_OPTIONS,
+    EXPECTED_PREFIX,
+    EXPECTED_SUFFIX,
+    PAIRWISE,
+    JudgePrompt,
+    decided,
+    judge_label,
+    judge_work,
+    load_judge_prompts,
+    require_prompt,
+    verdict_of,
+)
 from zephyr_ray.eval.mt_bench import digest
 from zephyr_ray.eval.pairwise import (
     agreement_stats,
@@ -194,7 +207,7 @@ def _judge(units: list[dict[str, Any]], engine: EngineConfig, cfg: EvalRecipe, o
 
     schema = pa.schema([(KEY, pa.string()), ("kind", pa.string()), ("messages", _messages_type()), ("meta", pa.string())])
     work = partial(judge_work, params=replace(cfg.judge.sampling, n=1), max_attempts=cfg.judge.max_attempts,
-                   judge=engine.name)
+                   judge=engine.name, mode=cfg.judge.mode)
     started = time.perf_counter()
     table = run_pool(_dataset(units, schema), engine, work, out / "judgments" / engine.name, f"judge [{engine.name}]")
     seconds = time.perf_counter() - started
@@ -250,11 +263,12 @@ def _mt_bench_results(mt: _MTBench, judged: dict[str, dict[str, Any]], cfg: Eval
     for u in mt.units:
         j = judged[u[KEY]]
         rows.append({**json.loads(u["meta"]), "score": j["score"], "attempts": j["attempts"], "judgment": j["judgment"],
-                     "user_prompt": u["messages"][-1]["content"]})
+                     "probs": j.get("probs"), "user_prompt": u["messages"][-1]["content"]})
     present = {q.category for q in mt.questions}
     categories = [c for c in cfg.mt_bench.categories if c in present]
     names = list(mt.answers)
     results = {"source": cfg.mt_bench.questions, "questions": len(mt.questions), "categories": categories,
+               "judge": judge_label(judge, cfg.judge.mode),
                "reference_categories": [c for c in cfg.mt_bench.reference_categories if c in present],
                "question_report": {"rows": mt.report.rows, "used": mt.report.used,
                                    "skipped": dict(mt.report.skipped)},
@@ -267,11 +281,13 @@ def _mt_bench_results(mt: _MTBench, judged: dict[str, dict[str, Any]], cfg: Eval
                       "completion_tokens": [a["completion_tokens"], b["completion_tokens"]]}
                      for q in mt.questions for a, b in [by_qid[q.qid]]),
                     out / "mt_bench" / "model_answer" / f"{name}.jsonl")
-    # FastChat's model_judgment format (score -1 = unreadable, as FastChat writes it), plus attempts.
+    # FastChat's model_judgment format (score -1 = unreadable, as FastChat writes it), plus attempts, the judge's
+    # mode and in expected mode the probabilities of the ratings 1..10 (the judgment text is then empty).
     write_jsonl(({"question_id": r["question_id"], "model": r["model"], "judge": [judge, r["prompt"]],
                   "user_prompt": r["user_prompt"], "judgment": r["judgment"],
                   "score": -1 if r["score"] is None else r["score"], "turn": r["turn"], "tstamp": now,
-                  "category": r["category"], "attempts": r["attempts"], "reference": r["reference"]} for r in rows),
+                  "category": r["category"], "attempts": r["attempts"], "reference": r["reference"],
+                  "mode": cfg.judge.mode, "probs": r["probs"]} for r in rows),
                 out / "mt_bench" / "model_judgment" / f"{judge}_single.jsonl")
     return results
 
@@ -363,14 +379,22 @@ def _alpaca(cfg: EvalRecipe, models: list[EngineConfig], prompt: JudgePrompt, sa
 
 def _outcomes(units: list[dict[str, Any]], judged: dict[str, dict[str, Any]], group: str
               ) -> dict[Any, list[Any]]:
-    """``{group value: [verdict with the first answer as A, verdict with it as B, units...]}``."""
+    """``{group value: [verdict with the first answer as A, verdict with it as B, units...]}``; a verdict is the
+    judge's probabilities in expected mode."""
     out: dict[Any, list[Any]] = defaultdict(lambda: [None, None, []])
     for u in units:
         meta = json.loads(u["meta"])
         entry = out[(meta.get("model"), meta[group])]
-        entry[0 if meta["first_is_a"] else 1] = judged[u[KEY]]["verdict"]
+        entry[0 if meta["first_is_a"] else 1] = verdict_of(judged[u[KEY]])
         entry[2].append(judged[u[KEY]])
     return out
+
+
+def _probs_fields(first: Any, second: Any, tag_first: str, tag_second: str) -> dict[str, Any]:
+    """The judge's verdict probabilities of both orders (expected mode), for the annotation rows."""
+    if not isinstance(first, dict) and not isinstance(second, dict):
+        return {}
+    return {f"probs{tag_first}": first, f"probs{tag_second}": second}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -399,7 +423,8 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
                         "output_2": al.outputs[name][it["instruction"]], "generator_2": name,
                         # AlpacaEval's convention: 1 = output_1 (the reference) better, 2 = output_2 (the model).
                         "preference": None if p is None else 1 + p,
-                        "verdict_model_first": first, "verdict_model_second": second,
+                        "verdict_model_first": decided(first), "verdict_model_second": decided(second),
+                        **_probs_fields(first, second, "_model_first", "_model_second"),
                         "judgments": [r["judgment"] for r in rows], "attempts": [r["attempts"] for r in rows]})
             s = pairwise_stats(pairs).to_dict()
             name_rows = [r for key, (_, _, rows) in outcomes.items() if key[0] == name for r in rows]
@@ -420,6 +445,7 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
                                          "generator": name, "dataset": cfg.alpaca_eval.instructions}
                                         for it in al.items], indent=1, ensure_ascii=False))
         results.update({"source": al.source, "instructions": len(al.items), "reference": ref,
+                        "judge": judge_label(cfg.judge.engine.name, cfg.judge.mode),
                         "instruction_report": {"rows": al.report.rows, "used": al.report.used,
                                                "skipped": dict(al.report.skipped)},
                         "models": models})
@@ -431,10 +457,12 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
             pairs.append((first, second))
             labels.append(r["label"])
             judged_rows += rows
-            rows_out.append({**r, "verdict_first": first, "verdict_second": second,
+            rows_out.append({**r, "verdict_first": decided(first), "verdict_second": decided(second),
+                             **_probs_fields(first, second, "_first", "_second"),
                              "judge_preference_1": instruction_score((first, second))})
         s = agreement_stats(pairs, labels).to_dict()
-        s.update({"source": cfg.alpaca_eval.agreement, "parse_failures": sum(r["verdict"] is None for r in judged_rows),
+        s.update({"source": cfg.alpaca_eval.agreement, "judge": judge_label(cfg.judge.engine.name, cfg.judge.mode),
+                  "parse_failures": sum(r["verdict"] is None for r in judged_rows),
                   "judge_calls": sum(int(r["attempts"]) for r in judged_rows)})
         results["agreement"] = s
         write_jsonl(rows_out, out / "alpaca_eval" / "agreement.jsonl")
@@ -473,7 +501,9 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
     answering = cfg.mt_bench.enabled or (cfg.alpaca_eval.enabled and cfg.alpaca_eval.generate)
     models = [resolve_engine(m, out / "models") for m in cfg.models] if answering else []
     judge = resolve_engine(cfg.judge.engine, out / "models")
-    salt = digest(asdict(cfg.judge.sampling), cfg.judge.max_attempts)
+    # What a judgment depends on besides its messages: sampling and attempts (generate), the scored options (expected).
+    salt = digest(asdict(cfg.judge.sampling), cfg.judge.max_attempts) if cfg.judge.mode != EXPECTED else \
+        digest(EXPECTED, EXPECTED_PREFIX, EXPECTED_OPTIONS, EXPECTED_SUFFIX)
 
     mt = _mt_bench(cfg, models, grading, salt, out, timings) if grading else None
     al = _alpaca(cfg, models, pair_prompt, salt, out, timings) if pair_prompt else None
@@ -484,8 +514,8 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
         "run": cfg.run.name,
         "judge": {"name": judge.name, "backend": judge.backend,
                   "model": cfg.judge.engine.path or tiny_label(judge.tiny_seed, judge.tiny_arch),
-                  "prompts": cfg.judge.prompts, "max_attempts": cfg.judge.max_attempts,
-                  "sampling": asdict(cfg.judge.sampling)},
+                  "prompts": cfg.judge.prompts, "mode": cfg.judge.mode, "label": judge_label(judge.name, cfg.judge.mode),
+                  "max_attempts": cfg.judge.max_attempts, "sampling": asdict(cfg.judge.sampling)},
         "models": [{"name": m.name, "backend": m.backend, "path": m.path or tiny_label(m.tiny_seed, m.tiny_arch)}
                    for m in cfg.models],
     }
@@ -500,7 +530,7 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
     if mt:
         chart = radar_chart(results["mt_bench"]["categories"],
                             {n: s["categories"] for n, s in results["mt_bench"]["models"].items()},
-                            out / CHART, title=f"MT-Bench by category (judge: {judge.name})")
+                            out / CHART, title=f"MT-Bench by category (judge: {judge.name}, {cfg.judge.mode})")
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     report = out / "report.md"
     report.write_text(markdown_report(results, CHART if chart else None))

@@ -10,15 +10,18 @@ Backends are imported lazily, so picking one never imports (or requires) the oth
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.generation.types import Completion, Conversation, Engine, SamplingParams, ScoringEngine
 
 if TYPE_CHECKING:
     from zephyr_ray.config import EngineConfig
 
-__all__ = ["Completion", "Conversation", "Engine", "SamplingParams", "ScoringEngine", "check_params", "make_engine"]
+__all__ = ["Completion", "Conversation", "Engine", "SamplingParams", "ScoringEngine", "check_params", "make_engine",
+           "option_sequences", "renormalise"]
 
 
 def check_params(params: SamplingParams) -> None:
@@ -33,6 +36,53 @@ def check_params(params: SamplingParams) -> None:
         raise ValueError(f"sampling.top_p must be in (0, 1], got {params.top_p}")
     if any(not isinstance(s, str) or not s for s in params.stop):
         raise ValueError(f"sampling.stop must be non-empty strings, got {params.stop!r}")
+
+
+def option_sequences(tokenizer: Any, options: Sequence[str], prefix: str = "", suffix: str = ""
+                     ) -> tuple[list[int], list[list[int]]]:
+    """The token ids of ``prefix`` (appended to the prompt) and of each option's continuation ``option + suffix``,
+    as ``ScoringEngine.option_probs`` scores them; every engine uses this one rule.
+
+    An option's tokens are what tokenizing ``prefix + option + suffix`` adds to ``prefix``'s own tokens, so BPE
+    merges inside the option and its closing marker ("10]]") are the model's own. When the tokenizer merges
+    across the boundary instead (a prefix ending in a space before a digit: "Rating: " + "5" -> "Ġ5"), the
+    prompt still ends with ``prefix``'s tokens (the prefill is fixed text, and the model continues those tokens,
+    it cannot re-merge them), and the option is ``option + suffix`` tokenized alone: AIF's "Rating: " prefix
+    has always been scored so. The eval judge's prefixes end in "[[", which no BPE merges with a digit or letter.
+
+    Options must be told apart as token sequences: none may equal or be a prefix of another (P("1") would
+    swallow "10"); give a closing marker (``suffix``, e.g. "]]") to separate them.
+    """
+    if not options:
+        raise ValueError("option_probs needs at least one option")
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    base = ids(prefix)
+    seqs = []
+    for option in options:
+        joined = ids(prefix + option + suffix)
+        seq = joined[len(base):] if joined[:len(base)] == base else ids(option + suffix)
+        if not seq:
+            raise ValueError(f"option {option!r} (suffix {suffix!r}) has no tokens")
+        seqs.append(seq)
+    for i, a in enumerate(seqs):
+        for j, b in enumerate(seqs):
+            if i != j and ((options[j] + suffix).startswith(options[i] + suffix) or b[:len(a)] == a):
+                raise ValueError(f"option {options[i]!r} is a prefix of option {options[j]!r} (as text + suffix "
+                                 f"{suffix!r}, or as tokens: {a} vs {b}): P({options[i]!r}) would include "
+                                 f"{options[j]!r}; give a closing marker as suffix (e.g. ']]') so no option's text "
+                                 "starts another's")
+    return base, seqs
+
+
+def renormalise(logprobs: Sequence[float]) -> list[float]:
+    """Probabilities from (unnormalised) log-probabilities: exp, then divided by their sum."""
+    top = max(logprobs)
+    exps = [math.exp(lp - top) for lp in logprobs]
+    total = sum(exps)
+    return [e / total for e in exps]
 
 
 def make_engine(cfg: EngineConfig, output_dir: str | Path) -> Engine:

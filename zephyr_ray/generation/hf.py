@@ -27,14 +27,16 @@ cumulative distribution can then differ. Greedy decoding is token-exact batched 
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
+import inspect
 import time
 from array import array
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.generation import check_params
+from zephyr_ray.generation import check_params, option_sequences
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 
 if TYPE_CHECKING:
@@ -137,6 +139,17 @@ def _processors():
             return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
 
     return SeededSampler, StopStrings
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in newer transformers 5.x (``past_key_values``
+    is deprecated there, removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(result: Any) -> Any:
+    cache = getattr(result, "cache", None)
+    return cache if cache is not None else result.past_key_values
 
 
 class HFEngine:
@@ -260,42 +273,48 @@ class HFEngine:
 
     # ---------------------------------------------------------------- scoring
 
-    def option_token(self, option: str, prefix: str = "") -> int:
-        """The id of ``option`` as the model would write it right after ``prefix``: the one token that
-        tokenizing ``prefix + option`` adds to ``prefix``'s tokens, else ``option`` tokenized alone
-        (when the two merge at the boundary, e.g. a prefix ending in a space before a digit)."""
-        tok = self.tokenizer
-        base = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        joined = tok(prefix + option, add_special_tokens=False)["input_ids"]
-        if len(joined) == len(base) + 1 and joined[:len(base)] == base:
-            return joined[-1]
-        alone = tok(option, add_special_tokens=False)["input_ids"]
-        if len(alone) == 1:
-            return alone[0]
-        raise ValueError(f"option {option!r} is not a single token: it tokenizes as {tok.convert_ids_to_tokens(alone)} "
-                         f"(after prefix {prefix!r}: {tok.convert_ids_to_tokens(joined[len(base):])})")
+    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "",
+                     suffix: str = "") -> list[list[float]]:
+        """P(option | conversation + generation prompt + ``prefix``), each option scored as its whole token
+        sequence (``option + suffix``, see ``option_sequences``) and renormalised over the options.
 
-    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[list[float]]:
-        """P(option | conversation + generation prompt + ``prefix``), softmax over the options' token
-        logits: one forward per batch, logits at the last position only."""
+        Per batch (bucketed by length, left padding) the prompt is run once, with the KV cache kept when an
+        option has more than one token: its first token is read from the prompt's last logits, the rest from
+        one short forward per option over the cached prompt (a copy of the cache, so every option continues
+        the same prompt). Cost: one prompt forward per conversation plus, per option, a forward of its
+        ``len - 1`` tokens; never a prompt forward per option."""
         import torch
 
-        if not options:
-            raise ValueError("option_probs needs at least one option")
-        ids = [self.option_token(o, prefix) for o in options]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"options {options!r} map to repeated token ids {ids}")
-        suffix = self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        prompts = self.prompt_ids(conversations, suffix)
-        option_ids = torch.tensor(ids, device=self.device)
+        prefix_ids, seqs = option_sequences(self.tokenizer, options, prefix, suffix)
+        prompts = self.prompt_ids(conversations, prefix_ids)
+        first = torch.tensor([seq[0] for seq in seqs], device=self.device)
+        continued = [(k, seq) for k, seq in enumerate(seqs) if len(seq) > 1]
         out: list[list[float]] = [[] for _ in prompts]
         for batch in self._buckets([len(p) for p in prompts]):
-            input_ids, mask = self._left_pad([prompts[i] for i in batch])
+            ids, mask = self._left_pad([prompts[i] for i in batch])
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                    use_cache=False, logits_to_keep=1).logits[:, -1, :]
-            probs = torch.softmax(logits.float()[:, option_ids], dim=-1).tolist()
+                result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    use_cache=bool(continued), logits_to_keep=1)
+                scores = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1)[:, first]  # (rows, options)
+                for k, seq in continued:
+                    scores[:, k] += self._continuation_logprob(_output_cache(result), mask, positions, seq)
+            probs = torch.softmax(scores, dim=-1).tolist()
             for i, p in zip(batch, probs):
                 out[i] = p
         return out
+
+    def _continuation_logprob(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, seq: list[int]
+                              ) -> torch.Tensor:
+        """Sum of log P(seq[j] | prompt, seq[:j]) for j >= 1, per row, continuing a copy of the prompt's cache."""
+        import torch
+
+        rows, n = mask.shape[0], len(seq) - 1
+        tokens = torch.tensor(seq, device=self.device)
+        step = torch.arange(1, n + 1, device=self.device)
+        result = self.model(input_ids=tokens[:-1].expand(rows, n),
+                            attention_mask=torch.cat([mask, mask.new_ones(rows, n)], dim=-1),
+                            position_ids=positions[:, -1:] + step, use_cache=True,
+                            **{_cache_kwarg(self.model): copy.deepcopy(cache)})
+        logp = torch.log_softmax(result.logits.float(), dim=-1)  # (rows, n, vocab)
+        return logp.gather(-1, tokens[1:].expand(rows, n)[..., None]).squeeze(-1).sum(-1)

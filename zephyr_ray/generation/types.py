@@ -43,7 +43,10 @@ class Engine(Protocol):
 class ScoringEngine(Engine, Protocol):
     """A local engine that also exposes next-token probabilities (judges score without parsing text)."""
 
-    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[list[float]]:
-        """P(option | conversation + generation prompt + ``prefix``) for each single-token option,
-        renormalised over ``options``; one list per conversation."""
+    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "",
+                     suffix: str = "") -> list[list[float]]:
+        """P(option | conversation + generation prompt + ``prefix``) for each option, renormalised over
+        ``options``; one list per conversation. An option is scored as its whole token sequence (``option +
+        suffix``, tokenized by ``generation.option_sequences``): the sum of its tokens' log-probs. ``suffix`` is
+        a closing marker that tells options apart when one's text starts another's ("1]]" vs "10]]")."""
         ...

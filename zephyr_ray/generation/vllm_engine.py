@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zephyr_ray.generation import check_params
+from zephyr_ray.generation import check_params, option_sequences, renormalise
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class VLLMEngine:
                             tensor_parallel_size=cfg.tensor_parallel_size,
                             gpu_memory_utilization=cfg.gpu_memory_utilization, trust_remote_code=cfg.trust_remote_code)
 
-    def _prompts(self, conversations: list[Conversation], suffix: list[int] | None = None) -> list[list[int]]:
+    def prompt_ids(self, conversations: list[Conversation], suffix: list[int] | None = None) -> list[list[int]]:
         if not conversations:
             return []
         rendered = self.tokenizer.apply_chat_template([list(c) for c in conversations], tokenize=True,
@@ -56,7 +56,7 @@ class VLLMEngine:
 
     def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[list[Completion]]:
         check_params(params)
-        prompts = self._prompts(conversations)
+        prompts = self.prompt_ids(conversations)
         sampling = self._vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                              max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
                                              seed=params.seed)
@@ -66,32 +66,21 @@ class VLLMEngine:
                  for o in out.outputs]
                 for ids, out in zip(prompts, outputs, strict=True)]
 
-    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[list[float]]:
-        """Each option token appended to the prompt (+ ``prefix``) and scored with ``prompt_logprobs``
-        (the log-prob of every actual prompt token is always returned), renormalised over the options."""
-        import math
-
-        if not options:
-            raise ValueError("option_probs needs at least one option")
-        tok = self.tokenizer
-        ids = []
-        base = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        for o in options:  # same rule as HFEngine.option_token
-            joined = tok(prefix + o, add_special_tokens=False)["input_ids"]
-            alone = tok(o, add_special_tokens=False)["input_ids"]
-            if len(joined) == len(base) + 1 and joined[:len(base)] == base:
-                ids.append(joined[-1])
-            elif len(alone) == 1:
-                ids.append(alone[0])
-            else:
-                raise ValueError(f"option {o!r} is not a single token: {tok.convert_ids_to_tokens(alone)}")
-        prompts = self._prompts(conversations, base)
+    def option_probs(self, conversations: list[Conversation], options: list[str], prefix: str = "",
+                     suffix: str = "") -> list[list[float]]:
+        """Each option's tokens (``option_sequences``, the same rule as ``HFEngine``) appended to the prompt (+
+        ``prefix``) and scored with ``prompt_logprobs`` (the log-prob of every actual prompt token is always
+        returned): the sum over the option's tokens, renormalised over the options. The prompts of one
+        conversation share their prefix, which vLLM's prefix cache can compute once."""
+        prefix_ids, seqs = option_sequences(self.tokenizer, options, prefix, suffix)
+        prompts = self.prompt_ids(conversations, prefix_ids)
         sampling = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self._run([p + [t] for p in prompts for t in ids], sampling)
+        outputs = self._run([p + seq for p in prompts for seq in seqs], sampling)
         out = []
-        for c in range(len(prompts)):
-            logps = [outputs[c * len(ids) + k].prompt_logprobs[-1][t].logprob for k, t in enumerate(ids)]
-            top = max(logps)
-            exps = [math.exp(lp - top) for lp in logps]
-            out.append([e / sum(exps) for e in exps])
+        for c, prompt in enumerate(prompts):
+            logps = []
+            for k, seq in enumerate(seqs):
+                scored = outputs[c * len(seqs) + k].prompt_logprobs  # one dict per prompt position (None first)
+                logps.append(sum(scored[len(prompt) + j][t].logprob for j, t in enumerate(seq)))
+            out.append(renormalise(logps))
         return out
