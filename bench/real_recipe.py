@@ -55,7 +55,7 @@ class Sizes:
     # None: every held-out prompt (the full run); a number: the first ones (--quick)
     eval_limit: int | None = None
     sft_train: int = 96  # dialogues (training side, seeded sample)
-    dpo_train: int = 128  # pairs (training side, seeded sample)
+    dpo_train: int = 96  # pairs (training side, seeded sample): 8 steps of 12
     max_length: int = 160  # tokens of a dialogue / of prompt + answer, in training and in (a) and (b)
     max_prompt_length: int = 64  # pairs: prompt tokens kept (from the left)
     sft_lora: bool = True
@@ -63,15 +63,20 @@ class Sizes:
     sft_micro_batch: int = 2
     dpo_lora: bool = False
     dpo_lr: float = 1e-5
-    dpo_micro_batch: int = 4
+    dpo_micro_batch: int = 3
     dpo_accumulation: int = 2
     beta: float = 0.1
     answer_tokens: int = 48  # (c): max_new_tokens of the dSFT and dDPO answers
     score_tokens: int = 2048  # tokens per forward pass of the in-process scorers
+    # The stages also evaluate the held-out rows at their last step (data.eval_path): eval_loss and
+    # eval_rewards/* must match the in-process figures. Off at full size: a second pass over every held-out
+    # dialogue and pair (and a second reference pass) on 2 cores.
+    stage_eval: bool = False
 
 
 FULL = Sizes()
-QUICK = dataclasses.replace(FULL, eval_limit=12, sft_train=8, dpo_train=16, dpo_micro_batch=2, answer_tokens=16)
+QUICK = dataclasses.replace(FULL, eval_limit=12, sft_train=8, dpo_train=16, dpo_micro_batch=2, answer_tokens=16,
+                            stage_eval=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,22 +275,30 @@ def lora(enabled: bool, dropout: float) -> dict[str, Any]:
     return {"enabled": enabled, "r": 16, "alpha": 32, "dropout": dropout}
 
 
-def sft_overlay(s: Sizes, data: Path, out: Path) -> dict[str, Any]:
+def held_out_eval(eval_path: Path | None) -> dict[str, Any]:
+    """The stage's own held-out evaluation at its last step only, or none."""
+    return {"eval_path": str(eval_path) if eval_path else None, "eval_fraction": 0.0}
+
+
+def sft_overlay(s: Sizes, data: Path, out: Path, eval_path: Path | None) -> dict[str, Any]:
     return {"model": {"path": MODEL, "lora": lora(s.sft_lora, 0.05)},
             "data": {"path": str(data), "limit": None, "max_length": s.max_length, "packing": True,
-                     "pack_window": 128, "shuffle": True, "seed": 0, "overlong": "truncate"},
+                     "pack_window": 128, "shuffle": True, "seed": 0, "overlong": "truncate",
+                     **held_out_eval(eval_path)},
             "train": {"epochs": 1, "micro_batch_size": s.sft_micro_batch, "gradient_accumulation_steps": 1,
-                      "lr": s.sft_lr, "warmup_ratio": 0.1, "precision": "fp32", "checkpoint_every": 10_000},
+                      "lr": s.sft_lr, "warmup_ratio": 0.1, "precision": "fp32", "checkpoint_every": 10_000,
+                      "eval_every": 10_000},
             "run": {"name": "real-sft", "output_dir": str(out)}, "wandb": {"enabled": False}}
 
 
-def dpo_overlay(s: Sizes, model: Path, data: Path, out: Path) -> dict[str, Any]:
+def dpo_overlay(s: Sizes, model: Path, data: Path, out: Path, eval_path: Path | None) -> dict[str, Any]:
     return {"model": {"path": str(model), "lora": lora(s.dpo_lora, 0.0)},
             "data": {"path": str(data), "limit": None, "max_length": s.max_length, "packing": True,
-                     "pack_window": 64, "shuffle": True, "seed": 0, "overlong": "truncate"},
+                     "pack_window": 64, "shuffle": True, "seed": 0, "overlong": "truncate",
+                     **held_out_eval(eval_path)},
             "train": {"epochs": 1, "micro_batch_size": s.dpo_micro_batch,
                       "gradient_accumulation_steps": s.dpo_accumulation, "lr": s.dpo_lr, "warmup_ratio": 0.1,
-                      "precision": "fp32", "checkpoint_every": 10_000},
+                      "precision": "fp32", "checkpoint_every": 10_000, "eval_every": 10_000},
             "dpo": {"beta": s.beta, "loss_type": "sigmoid", "max_prompt_length": s.max_prompt_length,
                     "ref": {"mode": "precompute", "path": None}},
             "run": {"name": "real-dpo", "output_dir": str(out)}, "wandb": {"enabled": False}}
@@ -299,7 +312,7 @@ def engine(name: str, path: Path | str, batch_size: int = 16) -> dict[str, Any]:
 def eval_overlay(s: Sizes, dpo_model: Path, sft_model: Path, instructions: Path, out: Path) -> dict[str, Any]:
     return {"models": [engine("ddpo", dpo_model, 32)],
             "judge": {"engine": {**engine("smollm2-judge", MODEL), "max_prompt_length": 2048},
-                      "prompts": "data/sample/mt_bench/judge_prompts.jsonl", "mode": "expected"},
+                      "prompts": str(ROOT / "data" / "sample" / "mt_bench" / "judge_prompts.jsonl"), "mode": "expected"},
             "mt_bench": {"enabled": False},
             "alpaca_eval": {"instructions": str(instructions), "limit": None, "generate": True,
                             "reference": engine("dsft", sft_model, 32), "reference_model": None,
@@ -383,6 +396,13 @@ def check_workers_run(src: Path) -> None:
         raise RuntimeError(f"not running the snapshot {src}: {files}")
 
 
+def check_close(what: str, ours: float, stage: float, tol: float = 2e-3) -> None:
+    """The in-process figure against the stage's own held-out evaluation of the same rows and model."""
+    if abs(ours - stage) > tol:
+        raise RuntimeError(f"{what}: in-process {ours:.6f} but the stage's held-out evaluation gave {stage:.6f}")
+    print(f"[real] {what}: in-process {ours:.6f} = stage eval {stage:.6f}", flush=True)
+
+
 def run(a: argparse.Namespace) -> None:
     s = QUICK if a.quick else FULL
     session = start_session(a.work_dir, "real_recipe_", "quick" if a.quick else "full size")
@@ -391,6 +411,7 @@ def run(a: argparse.Namespace) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(session.src), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["WANDB_MODE"] = "disabled"
+    os.chdir(work)  # Ray puts the driver's working directory first on its workers' path: not the checkout
     load_start = os.getloadavg()
 
     from zephyr_ray.cluster import ensure_ray
@@ -418,6 +439,8 @@ def run(a: argparse.Namespace) -> None:
         held = {name: kept(name) for name in FILES}
         sft_train = write_jsonl(sample(split.train["sft"], s.sft_train, 1), work / "data" / "sft_train.jsonl")
         pairs_train = write_jsonl(sample(split.train["pairs"], s.dpo_train, 2), work / "data" / "pairs_train.jsonl")
+        held_sft = write_jsonl(held["sft"], work / "data" / "sft_held_out.jsonl") if s.stage_eval else None
+        held_pairs = write_jsonl(held["pairs"], work / "data" / "pairs_held_out.jsonl") if s.stage_eval else None
         instructions = write_jsonl([{"prompt_id": r["prompt_id"], "prompt": r["prompt"]} for r in held["instructions"]],
                                    work / "data" / "instructions_held_out.jsonl")
         figures["split"] = {
@@ -445,7 +468,7 @@ def run(a: argparse.Namespace) -> None:
         check_workers_run(session.src)
 
     with phases("dSFT (run_sft)"):
-        sft_cfg = recipe("sft", sft_overlay(s, sft_train, work / "sft"), SFTRecipe, work)
+        sft_cfg = recipe("sft", sft_overlay(s, sft_train, work / "sft", held_sft), SFTRecipe, work)
         sft = run_sft(sft_cfg)
     with phases("(a) NLL after dSFT + (b) reference log-probs"):
         model, tok = load_scorer(str(sft.model_dir))
@@ -455,9 +478,12 @@ def run(a: argparse.Namespace) -> None:
         gc.collect()
     figures["a_sft"] = {**nll_figures(nll_before, nll_after), "train_steps": sft.steps,
                         "train_loss_last": sft.final_metrics.get("loss")}
+    if s.stage_eval:
+        figures["a_sft"]["stage_eval_loss"] = sft.final_metrics["eval_loss"]
+        check_close("(a) NLL after", figures["a_sft"]["nll_after"], sft.final_metrics["eval_loss"])
 
     with phases("dDPO (run_dpo)"):
-        dpo_cfg = recipe("dpo", dpo_overlay(s, sft.model_dir, pairs_train, work / "dpo"), DPORecipe, work)
+        dpo_cfg = recipe("dpo", dpo_overlay(s, sft.model_dir, pairs_train, work / "dpo", held_pairs), DPORecipe, work)
         dpo = run_dpo(dpo_cfg)
     with phases("(b) policy log-probs"):
         model, tok = load_scorer(str(dpo.model_dir))
@@ -471,6 +497,11 @@ def run(a: argparse.Namespace) -> None:
                         "train_steps": dpo.steps,
                         "train_last": {k: v for k, v in dpo.final_metrics.items()
                                        if k.startswith(("loss", "rewards/"))}}
+    if s.stage_eval:
+        stage = {k: dpo.final_metrics[f"eval_rewards/{k}"] for k in ("accuracies", "margins")}
+        figures["b_dpo"]["stage_eval"] = stage
+        check_close("(b) accuracy", figures["b_dpo"]["all"]["implicit_reward"]["rate"], stage["accuracies"])
+        check_close("(b) reward margin", figures["b_dpo"]["all"]["reward_margin"]["mean"], stage["margins"])
 
     with phases("(c) win rate dDPO vs dSFT (run_eval)"):
         eval_cfg = recipe("eval", eval_overlay(s, dpo.model_dir, sft.model_dir, instructions, work / "eval"),
