@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_DATA_DIR, finish_session, read_jsonl, start_session  # noqa: E402
+from common import ROOT, SHARED_DATA_DIR, TreeSampler, finish_session, read_jsonl, start_session  # noqa: E402
 
 FILES = {"sft": "sft_gpt4_teacher.jsonl", "pairs": "gpt4_preferences.jsonl", "instructions": "completions.jsonl"}
 MODEL = "smollm2-135m-instruct"
@@ -327,19 +327,41 @@ def eval_overlay(s: Sizes, dpo_model: Path, sft_model: Path, instructions: Path,
 
 
 class Phases:
-    """Wall time of each phase, with the machine's load average when it ended."""
+    """Wall time of each phase, the CPU time this process and everything it started (the Ray cluster) spent in
+    it, and the cores the rest of the machine used meanwhile: on a shared machine, wall time alone says little."""
 
     def __init__(self) -> None:
         self.times: dict[str, dict[str, Any]] = {}
+        self.sampler = TreeSampler(os.getpid(), period=2.0, pss_period=1e12)  # CPU of the tree, every 2 s
+        self.sampler.start()
+
+    def _now(self) -> tuple[float, float, float]:
+        """(unix time, machine busy CPU-s, tree CPU-s) of the latest sample."""
+        while not self.sampler.series:
+            time.sleep(0.1)
+        t, busy, tree, _ = self.sampler.series[-1]
+        return t, busy, tree
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         print(f"[real] {name} ...", flush=True)
-        t0 = time.time()
+        t0, (s0, busy0, tree0) = time.time(), self._now()
         yield
-        wall = time.time() - t0
-        self.times[name] = {"wall_s": round(wall, 1), "loadavg_1m_end": round(os.getloadavg()[0], 2)}
-        print(f"[real] {name}: {wall:.0f}s (load average {os.getloadavg()[0]:.1f})", flush=True)
+        time.sleep(2.5)  # one more sample inside the phase's end
+        wall, (s1, busy1, tree1) = time.time() - t0, self._now()
+        own, span = tree1 - tree0, max(s1 - s0, 1e-9)
+        self.times[name] = {"wall_s": round(wall, 1), "cpu_s": round(own, 1), "own_cores": round(own / span, 2),
+                            "others_cores": round(max(0.0, (busy1 - busy0) - own) / span, 2),
+                            "loadavg_1m_end": round(os.getloadavg()[0], 2)}
+        t = self.times[name]
+        print(f"[real] {name}: {wall:.0f}s, {own:.0f} CPU-s ({t['own_cores']:.2f} cores; others used "
+              f"{t['others_cores']:.2f}; load average {os.getloadavg()[0]:.1f})", flush=True)
+
+    def totals(self) -> dict[str, float]:
+        cpu = sum(t["cpu_s"] for t in self.times.values())
+        wall = sum(t["wall_s"] for t in self.times.values())
+        others = sum(t["others_cores"] * t["wall_s"] for t in self.times.values()) / max(wall, 1e-9)
+        return {"cpu_s": round(cpu, 1), "others_cores_mean": round(others, 2)}
 
 
 def sample(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -525,7 +547,7 @@ def run(a: argparse.Namespace) -> None:
                "sizes": dataclasses.asdict(s), "model": MODEL,
                "choices": {"sft": "LoRA r=16" if s.sft_lora else "full", "dpo": "LoRA r=16" if s.dpo_lora else "full",
                            "interval": "Wilson score, 95%", "win_rate_se": "sample SD over instructions / sqrt(n)"},
-               "figures": figures, "phases": phases.times, "wall_s": round(elapsed, 1)}
+               "figures": figures, "phases": phases.times, "wall_s": round(elapsed, 1), **phases.totals()}
     print_table(payload)
     finish_session(session, payload, a.out)
 
@@ -556,9 +578,11 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"(c) win rate dDPO vs dSFT on {c['judged']}/{c['instructions']} held-out instructions (judge "
           f"{MODEL}, expected mode): {'-' if wr is None else f'{wr:.3f}'} ± "
           f"{'-' if se is None else f'{se:.3f}'} (SE); W/T/L {c['wins']}/{c['ties']}/{c['losses']}")
-    print("phases: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in r["phases"].items()))
-    print(f"wall {r['wall_s']:.0f}s on {r['machine']['cores']} cores ({r['machine']['cpu_model']}); load average "
-          f"start {r['machine']['loadavg_start'][0]:.1f}, end {r['machine']['loadavg_end'][0]:.1f}")
+    print("phases (wall, CPU-s of this run): " + ", ".join(f"{k} {v['wall_s']:.0f}s/{v['cpu_s']:.0f}"
+                                                            for k, v in r["phases"].items()))
+    print(f"wall {r['wall_s']:.0f}s on {r['machine']['cores']} cores ({r['machine']['cpu_model']}), {r['cpu_s']:.0f} "
+          f"CPU-s used by this run; other processes used {r['others_cores_mean']:.2f} cores on average; load "
+          f"average start {r['machine']['loadavg_start'][0]:.1f}, end {r['machine']['loadavg_end'][0]:.1f}")
 
 
 def main() -> None:
