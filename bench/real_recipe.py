@@ -243,12 +243,14 @@ def pair_logps(model: Any, tokenizer: Any, pairs: Sequence[dict], max_length: in
 
 
 def nll_figures(before: Sequence[tuple[float, int]], after: Sequence[tuple[float, int]]) -> dict[str, Any]:
-    """Token-weighted held-out NLL before and after, and the per-prompt change (each prompt's per-token NLL)."""
+    """Token-weighted held-out NLL before and after, and the per-prompt change (each prompt's per-token NLL; a
+    prompt that fills max_length by itself has no answer token to score)."""
     def per_token(values: Sequence[tuple[float, int]]) -> float:
         return sum(s for s, _ in values) / sum(n for _, n in values)
 
-    drops = [b[0] / b[1] - a[0] / a[1] for b, a in zip(before, after)]
-    return {"prompts": len(before), "tokens": sum(n for _, n in before), "nll_before": per_token(before),
+    drops = [b[0] / b[1] - a[0] / a[1] for b, a in zip(before, after) if b[1]]
+    return {"prompts": len(before), "prompts_without_answer_tokens": sum(not n for _, n in before),
+            "tokens": sum(n for _, n in before), "nll_before": per_token(before),
             "nll_after": per_token(after), "perplexity_before": math.exp(per_token(before)),
             "perplexity_after": math.exp(per_token(after)), "per_prompt_drop": mean_se(drops),
             "prompts_lower_after": proportion([d > 0 for d in drops])}
@@ -418,6 +420,13 @@ def check_workers_run(src: Path) -> None:
         raise RuntimeError(f"not running the snapshot {src}: {files}")
 
 
+def stage_data(out: Path) -> dict[str, Any]:
+    """What the stage trained on (its data_report.json): rows read, used, skipped, truncated, tokens."""
+    report = json.loads((out / "data_report.json").read_text())
+    return {k: report.get(k) for k in ("rows", "used", "skipped", "truncated", "tokens", "label_tokens",
+                                       "dropped_by_equal_split", "total_steps")}
+
+
 def check_close(what: str, ours: float, stage: float, tol: float = 2e-3) -> None:
     """The in-process figure against the stage's own held-out evaluation of the same rows and model."""
     if abs(ours - stage) > tol:
@@ -499,7 +508,7 @@ def run(a: argparse.Namespace) -> None:
         del model
         gc.collect()
     figures["a_sft"] = {**nll_figures(nll_before, nll_after), "train_steps": sft.steps,
-                        "train_loss_last": sft.final_metrics.get("loss")}
+                        "train_loss_last": sft.final_metrics.get("loss"), "train_data": stage_data(sft.output_dir)}
     if s.stage_eval:
         figures["a_sft"]["stage_eval_loss"] = sft.final_metrics["eval_loss"]
         check_close("(a) NLL after", figures["a_sft"]["nll_after"], sft.final_metrics["eval_loss"])
@@ -516,7 +525,7 @@ def run(a: argparse.Namespace) -> None:
                 "policy_rejected": pol["rejected"], "chosen_tokens": ref["chosen_tokens"],
                 "rejected_tokens": ref["rejected_tokens"]}
     figures["b_dpo"] = {**preference_figures(per_pair, [r["chosen_model"] for r in held["pairs"]], s.beta),
-                        "train_steps": dpo.steps,
+                        "train_steps": dpo.steps, "train_data": stage_data(dpo.output_dir),
                         "train_last": {k: v for k, v in dpo.final_metrics.items()
                                        if k.startswith(("loss", "rewards/"))}}
     if s.stage_eval:

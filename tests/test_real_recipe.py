@@ -106,11 +106,13 @@ def test_preference_figures_by_hand(rr):
 
 
 def test_nll_figures_by_hand(rr):
-    before, after = [(20.0, 10), (6.0, 2)], [(15.0, 10), (7.0, 2)]
+    # the third prompt filled max_length alone: no answer token, left out of the per-prompt figures
+    before, after = [(20.0, 10), (6.0, 2), (0.0, 0)], [(15.0, 10), (7.0, 2), (0.0, 0)]
     f = rr.nll_figures(before, after)
     assert f["nll_before"] == pytest.approx(26 / 12) and f["nll_after"] == pytest.approx(22 / 12)
     assert f["perplexity_after"] == pytest.approx(math.exp(22 / 12))
     # per prompt: 2.0 -> 1.5 (drop 0.5), 3.0 -> 3.5 (drop -0.5)
+    assert (f["prompts"], f["prompts_without_answer_tokens"], f["tokens"]) == (3, 1, 12)
     assert f["per_prompt_drop"]["mean"] == pytest.approx(0.0)
     assert f["per_prompt_drop"]["standard_error"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2))
     assert (f["prompts_lower_after"]["k"], f["prompts_lower_after"]["n"]) == (1, 2)
