@@ -43,6 +43,10 @@ bench: install
 	$(PY) bench/eval_mt_bench.py
 	$(PY) bench/serve_load.py
 
+# Learning on real data (../shared AlpacaEval files): dSFT -> dDPO -> win rate of SmolLM2-135M-Instruct, ~30 min.
+bench-real: install
+	$(PY) bench/real_recipe.py
+
 lint: install
 	$(VENV)/bin/ruff check zephyr_ray jobs bench tests
 
