@@ -22,7 +22,7 @@ from zephyr_ray.data.packing import collate
 from zephyr_ray.models import DTYPES
 from zephyr_ray.train.frozen import FrozenModel, frozen_pass, pass_dir
 from zephyr_ray.train.losses import distillation_loss, label_logits, teacher_topk
-from zephyr_ray.train.sft import SFTObjective
+from zephyr_ray.train.objectives import SFTObjective
 
 if TYPE_CHECKING:
     import pyarrow as pa
