@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/zephyr-ray/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: install demo demo-tiny test bench bench-real lint docs
+.PHONY: install demo demo-tiny test test-fast bench bench-real lint docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo-tiny: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The inner loop: everything that needs no Ray cluster (pure functions, in-process models), under 3 minutes.
+test-fast: install
+	ZEPHYR_RAY_TESTS=fast $(PY) -m pytest -q -p no:cacheprovider -m "not ray and not slow"
 
 bench: install
 	$(PY) bench/sft_throughput.py

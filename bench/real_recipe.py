@@ -56,7 +56,10 @@ class Sizes:
     eval_limit: int | None = None
     sft_train: int = 96  # dialogues (training side, seeded sample)
     dpo_train: int = 128  # pairs (training side, seeded sample): 8 steps of 16, as the first probe by hand
-    max_length: int = 160  # tokens of a dialogue / of prompt + answer, in training and in (a) and (b)
+    max_length: int = 160  # tokens of a dialogue, in dSFT training and in (a)
+    # tokens of prompt + answer, in dDPO training and in (b): 160 (96 answer tokens) gave 0.859 held-out accuracy,
+    # the probe by hand 0.95 at 320; most of the signal is in the answers' later tokens
+    dpo_max_length: int = 320
     max_prompt_length: int = 64  # pairs: prompt tokens kept (from the left)
     sft_lora: bool = True
     sft_lr: float = 2e-4
@@ -295,7 +298,7 @@ def sft_overlay(s: Sizes, data: Path, out: Path, eval_path: Path | None) -> dict
 
 def dpo_overlay(s: Sizes, model: Path, data: Path, out: Path, eval_path: Path | None) -> dict[str, Any]:
     return {"model": {"path": str(model), "lora": lora(s.dpo_lora, 0.0)},
-            "data": {"path": str(data), "limit": None, "max_length": s.max_length, "packing": True,
+            "data": {"path": str(data), "limit": None, "max_length": s.dpo_max_length, "packing": True,
                      "pack_window": 64, "shuffle": True, "seed": 0, "overlong": "truncate",
                      **held_out_eval(eval_path)},
             "train": {"epochs": 1, "micro_batch_size": s.dpo_micro_batch,
@@ -505,7 +508,7 @@ def run(a: argparse.Namespace) -> None:
     with phases("(a) NLL after dSFT + (b) reference log-probs"):
         model, tok = load_scorer(str(sft.model_dir))
         nll_after = dialogue_nll(model, tok, held["sft"], s.max_length, s.score_tokens)
-        ref = pair_logps(model, tok, held["pairs"], s.max_length, s.max_prompt_length, s.score_tokens)
+        ref = pair_logps(model, tok, held["pairs"], s.dpo_max_length, s.max_prompt_length, s.score_tokens)
         del model
         gc.collect()
     figures["a_sft"] = {**nll_figures(nll_before, nll_after), "train_steps": sft.steps,
@@ -519,7 +522,7 @@ def run(a: argparse.Namespace) -> None:
         dpo = run_dpo(dpo_cfg)
     with phases("(b) policy log-probs"):
         model, tok = load_scorer(str(dpo.model_dir))
-        pol = pair_logps(model, tok, held["pairs"], s.max_length, s.max_prompt_length, s.score_tokens)
+        pol = pair_logps(model, tok, held["pairs"], s.dpo_max_length, s.max_prompt_length, s.score_tokens)
         del model
         gc.collect()
     per_pair = {"ref_chosen": ref["chosen"], "ref_rejected": ref["rejected"], "policy_chosen": pol["chosen"],

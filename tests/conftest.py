@@ -61,3 +61,29 @@ def shared_file(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+# Ray fixtures: a test that uses one (directly or through another fixture) is a `ray` test.
+RAY_FIXTURES = {"ray_cluster", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that reaches a Ray fixture ``ray``, so ``-m "not ray and not slow"`` (``make test-fast``)
+    never starts a cluster; marks written by hand stay for tests that start their own."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_fast_suite(request, monkeypatch):
+    """Under ``make test-fast`` (ZEPHYR_RAY_TESTS=fast) a test that starts Ray without a ``ray``/``slow`` mark
+    fails at once, instead of silently making the inner loop slow."""
+    if os.environ.get("ZEPHYR_RAY_TESTS") != "fast":
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts Ray: mark it `ray` or `slow` (make test-fast runs neither)")
+
+    monkeypatch.setattr(ray, "init", refuse)

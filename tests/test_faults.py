@@ -425,18 +425,21 @@ def test_kill9_of_a_reference_logprob_actor_loses_no_pair_and_repeats_none(ray_c
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_kill9_of_the_pipeline_driver_mid_dsft_then_resume_continues_from_its_checkpoint(ray_cluster, tmp_path,
-                                                                                          monkeypatch):
+def test_kill9_of_the_pipeline_driver_mid_dsft_then_resume_runs_the_recipe_to_the_end(ray_cluster, tmp_path):
+    """The suite's end-to-end pipeline run: kill -9 of `zephyr-ray pipeline` mid-dSFT, then `--resume` continues
+    dSFT from its newest complete checkpoint and runs AIF, dDPO and evaluation on the tiny recipe."""
     import subprocess
     import sys
 
     from zephyr_ray import pipeline
     from zephyr_ray.train.metrics import read_metrics
 
+    from .test_pipeline import SMALL
+
     runs = tmp_path / "runs"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    overrides = [f"pipeline.runs_dir={runs}", "sft.train.epochs=1", "sft.train.max_steps=8",
-                 "sft.train.checkpoint_every=2", "sft.run.max_failures=0", "wandb.mode=disabled"]
+    overrides = [f"pipeline.runs_dir={runs}", *SMALL, "sft.train.max_steps=8", "sft.train.checkpoint_every=2",
+                 "sft.run.max_failures=0"]
     proc = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "pipeline", "--config",
                              "configs/tiny/pipeline.yaml", *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -456,18 +459,41 @@ def test_kill9_of_the_pipeline_driver_mid_dsft_then_resume_continues_from_its_ch
     on_disk = newest_complete(str(next(run_dir.glob("sft/ray/*/checkpoints"))))[0]
     assert on_disk >= 2
 
-    def stop(*args):
-        raise KeyboardInterrupt  # the check ends after dSFT
-    monkeypatch.setitem(pipeline.RUNNERS, "aif", stop)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(resume=run_dir, echo=lambda s: None)
-    m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["stages"]["sft"]["status"] == "done" and m["stages"]["sft"]["attempts"] == 2
+    said: list[str] = []
+    result = pipeline.run_pipeline(resume=run_dir, echo=said.append)
+    m = result.manifest
+    assert all(m["stages"][s]["status"] == "done" for s in ("sft", "aif", "dpo", "eval"))
+    assert m["stages"]["sft"]["attempts"] == 2 and m["stages"]["dpo"]["attempts"] == 1 and m["resumed"]
     restarts = [json.loads(line) for line in (run_dir / "sft" / "restarts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in restarts] == [on_disk]
-    assert [x["step"] for x in read_metrics(run_dir / "sft")] == list(range(1, 9))
+    assert [x["step"] for x in read_metrics(run_dir / "sft")] == list(range(1, 9))  # each step once
     print(f"pipeline driver kill -9: resumed dSFT at step {restarts[0]['step']} (newest complete at kill: {on_disk}),"
           f" {restarts[0]['time'] - killed_at:.1f} s after the kill (includes the resume's planning)")
+
+    # The rest of the recipe, chained through the earlier artifacts.
+    sft_model = Path(m["stages"]["sft"]["artifacts"]["model"])
+    pairs = [json.loads(line) for line in Path(m["stages"]["aif"]["artifacts"]["pairs"]).read_text().splitlines()]
+    assert len(pairs) == m["stages"]["aif"]["artifacts"]["count"] > 0
+    assert {r["chosen_model"] for r in pairs} | {r["rejected_model"] for r in pairs} <= {"tiny-a", "tiny-b", "tiny-c", "dsft"}
+    assert list((run_dir / "aif" / "completions" / "dsft").glob("part-*.parquet"))  # the dSFT model answered
+    assert m["versions"]["deepspeed"] and m["config"]["sft"]["train"]["max_steps"] == 8
+    # dDPO started from the dSFT model, which was also its reference, and trained on the AIF pairs.
+    dpo_cfg = json.loads((run_dir / "dpo" / "config.json").read_text())
+    assert dpo_cfg["model"]["path"] == str(sft_model) and dpo_cfg["dpo"]["ref"]["path"] is None
+    assert dpo_cfg["data"]["path"] == m["stages"]["aif"]["artifacts"]["pairs"]
+    for png in ("sft/curves.png", "dpo/curves.png", "eval/mt_bench_radar.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG", png
+    summary = json.loads((run_dir / "summary.json").read_text())
+    dpo_steps = json.loads((run_dir / "dpo" / "data_report.json").read_text())["total_steps"]
+    assert summary == result.summary and summary["sft"]["steps"] == 8 and summary["dpo"]["step"] == dpo_steps >= 1
+    assert set(summary["eval"]["mt_bench"]) == {"dsft", "ddpo"} and set(summary["eval"]["win_rate"]) == {"dsft", "ddpo"}
+    assert summary["dpo"]["rewards/accuracies"] is not None
+    table = "\n".join(said)
+    assert "MT-Bench" in table and "win rate vs tiny-reference" in table and str(run_dir) in said[-1]
+    # The tiny pipeline's random judge scores in expected mode: every number is there, and says how it was made.
+    assert summary["eval"]["judge_mode"] == "expected" and "expected: probability-weighted" in table
+    assert all(s["overall"] is not None and s["parse_failures"] == 0 for s in summary["eval"]["mt_bench"].values())
+    assert all(s["win_rate"] is not None for s in summary["eval"]["win_rate"].values())
 
 
 # --- user errors as one line, exit code 2, the trace in a log file -----------------------------------------

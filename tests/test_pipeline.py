@@ -4,7 +4,6 @@ interrupted stage resumed."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -161,53 +160,44 @@ SMALL = ["sft.train.epochs=1", "sft.train.max_steps=6", "aif.prompts.limit=8", "
          "eval.judge.max_attempts=1", "wandb.mode=offline"]
 
 
+# The recipe end to end (with a kill -9 of the driver and --resume) is tests/test_faults.py's pipeline test.
+
 @pytest.mark.ray
-def test_tiny_pipeline_end_to_end_with_an_interrupted_stage_resumed(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a relative runs_dir, as in `make demo`: Ray workers run elsewhere
-    cfg = _tiny("pipeline.runs_dir=runs", *SMALL)
-    said: list[str] = []
-    real_dpo = pipeline.RUNNERS["dpo"]
+def test_an_interrupted_stage_is_marked_failed_and_resume_redoes_only_it(ray_cluster, tmp_path, monkeypatch):
+    """Ctrl-C during dDPO: the manifest says which stages are done, the last line says how to resume, and the
+    resumed run skips the finished stages (stage runners stand in for the real ones: this is the bookkeeping)."""
+    cfg = _tiny(f"pipeline.runs_dir={tmp_path / 'runs'}")
+    calls: list[str] = []
+
+    def runner(name, artifacts):
+        def run(cfg, run_dir, manifest):
+            calls.append(name)
+            return artifacts
+        return run
 
     def interrupted(*args):
+        calls.append("dpo")
         raise KeyboardInterrupt  # Ctrl-C (or a lost driver) during dDPO
+    for name in ("sft", "aif", "eval"):
+        monkeypatch.setitem(pipeline.RUNNERS, name, runner(name, {"stand_in": name}))
+    monkeypatch.setattr(pipeline, "_write_summary", lambda *args: {})  # stand-in stages wrote no metrics
     monkeypatch.setitem(pipeline.RUNNERS, "dpo", interrupted)
+    said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg, echo=said.append)
     run_dir = next((tmp_path / "runs").iterdir())
     m = json.loads((run_dir / "manifest.json").read_text())
     assert [m["stages"][s]["status"] for s in ("sft", "aif", "dpo", "eval")] == ["done", "done", "failed", "pending"]
-    assert f"zephyr-ray pipeline --resume {run_dir}" in said[-1]
-    sft_model = Path(m["stages"]["sft"]["artifacts"]["model"])
-    sft_written = (sft_model / "config.json").stat().st_mtime_ns
-    # The dSFT model answered with the candidates, and its pairs are what dDPO will read.
-    pairs = [json.loads(line) for line in Path(m["stages"]["aif"]["artifacts"]["pairs"]).read_text().splitlines()]
-    assert len(pairs) == m["stages"]["aif"]["artifacts"]["count"] > 0
-    assert {r["chosen_model"] for r in pairs} | {r["rejected_model"] for r in pairs} <= {"tiny-a", "tiny-b", "tiny-c", "dsft"}
-    assert list((run_dir / "aif" / "completions" / "dsft").glob("part-*.parquet"))
+    assert m["stages"]["dpo"]["error"] == "KeyboardInterrupt: " and calls == ["sft", "aif", "dpo"]
+    assert said[-1].endswith(f"rerun with: zephyr-ray pipeline --resume {run_dir}")
 
-    monkeypatch.setitem(pipeline.RUNNERS, "dpo", real_dpo)
+    monkeypatch.setitem(pipeline.RUNNERS, "dpo", runner("dpo", {"model": "/m/dpo"}))
     said.clear()
+    calls.clear()
     result = pipeline.run_pipeline(resume=run_dir, echo=said.append)
+    assert calls == ["dpo", "eval"]  # dSFT and AIF are not redone
     assert "[1/4] dSFT: done in an earlier attempt" in said[1] and "[2/4] AI feedback: done" in said[2]
-    assert (sft_model / "config.json").stat().st_mtime_ns == sft_written  # not redone
     m = result.manifest
     assert all(m["stages"][s]["status"] == "done" for s in ("sft", "aif", "dpo", "eval"))
-    assert m["stages"]["dpo"]["attempts"] == 2 and m["stages"]["sft"]["attempts"] == 1 and m["resumed"]
-    assert m["versions"]["deepspeed"] and m["config"]["sft"]["train"]["max_steps"] == 6
-    # dDPO started from the dSFT model, which was also its reference, and trained on the AIF pairs.
-    dpo_cfg = json.loads((run_dir / "dpo" / "config.json").read_text())
-    assert dpo_cfg["model"]["path"] == str(sft_model) and dpo_cfg["dpo"]["ref"]["path"] is None
-    assert dpo_cfg["data"]["path"] == m["stages"]["aif"]["artifacts"]["pairs"]
-    for png in ("sft/curves.png", "dpo/curves.png", "eval/mt_bench_radar.png"):
-        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG", png
-    summary = json.loads((run_dir / "summary.json").read_text())
-    dpo_steps = json.loads((run_dir / "dpo" / "data_report.json").read_text())["total_steps"]
-    assert summary == result.summary and summary["sft"]["steps"] == 6 and summary["dpo"]["step"] == dpo_steps >= 1
-    assert set(summary["eval"]["mt_bench"]) == {"dsft", "ddpo"} and set(summary["eval"]["win_rate"]) == {"dsft", "ddpo"}
-    assert summary["dpo"]["rewards/accuracies"] is not None
-    table = "\n".join(said)
-    assert "MT-Bench" in table and "win rate vs tiny-reference" in table and str(run_dir) in said[-1]
-    # The tiny pipeline's random judge scores in expected mode: every number is there, and says how it was made.
-    assert summary["eval"]["judge_mode"] == "expected" and "expected: probability-weighted" in table
-    assert all(s["overall"] is not None and s["parse_failures"] == 0 for s in summary["eval"]["mt_bench"].values())
-    assert all(s["win_rate"] is not None for s in summary["eval"]["win_rate"].values())
+    assert m["stages"]["dpo"]["attempts"] == 2 and m["stages"]["sft"]["attempts"] == 1 and len(m["resumed"]) == 1
+    assert m["stages"]["eval"]["artifacts"] == {"stand_in": "eval"} and "error" not in m["stages"]["dpo"]

@@ -294,6 +294,7 @@ def test_client_that_goes_away_mid_stream(server, client):
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow  # starts its own Ray in a subprocess
 def test_cli_serves_until_ctrl_c(tiny_model, tmp_path):
     import httpx
 
