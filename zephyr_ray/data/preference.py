@@ -47,13 +47,19 @@ def validate_pair(row: dict[str, Any]) -> Pair:
     return Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
 
 
+def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
+    """The prompt turns rendered by the chat template, generation prompt included."""
+    return list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """An answer tokenized on its own (content + EOS), to be appended to its prompt's ids."""
+    return tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_pair(tokenizer: Any, pair: Pair) -> dict[str, list[int]]:
-    prompt = tokenizer.apply_chat_template(pair.prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
-    return {
-        "prompt_ids": list(prompt["input_ids"]),
-        "chosen_ids": tokenizer(pair.chosen + tokenizer.eos_token, add_special_tokens=False)["input_ids"],
-        "rejected_ids": tokenizer(pair.rejected + tokenizer.eos_token, add_special_tokens=False)["input_ids"],
-    }
+    return {"prompt_ids": prompt_ids(tokenizer, pair.prompt), "chosen_ids": answer_ids(tokenizer, pair.chosen),
+            "rejected_ids": answer_ids(tokenizer, pair.rejected)}
 
 
 def truncate_pair(ids: dict[str, list[int]], max_length: int, max_prompt_length: int) -> tuple[dict[str, list[int]], bool]:

@@ -193,3 +193,119 @@ def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_ids: 
     total = (1 - alpha) * nll + alpha * temperature**2 * div
     return total, {"nll": nll.detach(), "distill/divergence": div.detach(),
                    "distill/kl": kl_div(teacher, student).detach().sum()}
+
+
+# Reference-free and unpaired preference losses. Like ``preference_loss`` they return one loss per unit (pair or
+# row), and their metrics are sums over the units (the training loop divides by the global unit count), under the
+# names TRL's trainers log. Rewards are detached: they are for logging and accuracy only.
+
+def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_avg: torch.Tensor,
+                  rejected_avg: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's pairwise reward metrics, summed over pairs (``logps/*`` are per-token averages, as TRL's CPO/ORPO log)."""
+    return {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": chosen_avg.detach().sum(), "logps/rejected": rejected_avg.detach().sum()}
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_counts: torch.Tensor,
+               rejected_counts: torch.Tensor, *, beta: float = 2.0, gamma: float = 1.0
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al., 2024, eq. 6): -log σ(β·avg_c - β·avg_r - γ) per pair, no reference model.
+
+    The reward is the length-normalised log-prob ``β·logp/|y|`` (so longer answers gain nothing by length alone)
+    and ``γ`` a target margin the chosen reward must beat the rejected one by. ``gamma`` is γ itself, as TRL's
+    ``CPOConfig.simpo_gamma`` (the SimPO repo configures γ/β instead). Defaults: β 2.0, γ 1.0, the paper's
+    Llama-3-Base setting (``gamma_beta_ratio`` 0.5); the SimPO repo's config default is γ/β 0.25 (γ 0.5), TRL's
+    β 0.1 with γ 0.5. ``*_logps`` are summed response log-probs, ``*_counts`` their token counts.
+    """
+    chosen_avg, rejected_avg = chosen_logps / chosen_counts, rejected_logps / rejected_counts
+    losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - gamma)
+    metrics = _pair_metrics(beta * chosen_avg.detach(), beta * rejected_avg.detach(), chosen_avg, rejected_avg)
+    return losses, metrics
+
+
+# log(1 - p) needs p < 1: a per-token average log-prob above this (every token at p > 0.999999) is taken as this,
+# which keeps ORPO's odds finite in fp32 (where exp(-1e-6) is still below 1).
+MAX_AVG_LOGP = -1e-6
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler, 2012): log(-expm1(x)) near 0, log1p(-exp(x))
+    below -log 2. ``x`` is clamped to ``MAX_AVG_LOGP`` first, so both branches (and their gradients) are finite."""
+    x = x.clamp(max=MAX_AVG_LOGP)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_counts: torch.Tensor,
+              rejected_counts: torch.Tensor, *, lambda_: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al., 2024, eqs. 2-7): NLL of the chosen answer plus ``lambda_`` times -log σ(log odds ratio),
+    per pair, no reference model.
+
+    Probabilities are length-normalised, P = exp(logp/|y|), and odds(y) = P / (1 - P), so the log odds ratio is
+    (avg_c - avg_r) - (log(1 - P_c) - log(1 - P_r)). The NLL is the chosen answer's per-token mean (the paper's
+    L_SFT, per sequence; TRL takes the token mean over the whole batch instead). ``lambda_`` 0.1 is the paper's
+    and TRL's ``ORPOConfig.beta``. Rewards are ``lambda_·avg`` as TRL logs them; ``log_odds_ratio`` is
+    log σ(log odds) and ``log_odds_chosen`` the log odds itself (TRL's names), ``nll_loss`` the NLL term.
+    """
+    chosen_avg, rejected_avg = chosen_logps / chosen_counts, rejected_logps / rejected_counts
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    ratio = F.logsigmoid(log_odds)
+    nll = -chosen_avg
+    losses = nll - lambda_ * ratio
+    metrics = _pair_metrics(lambda_ * chosen_avg.detach(), lambda_ * rejected_avg.detach(), chosen_avg, rejected_avg)
+    metrics.update({"nll_loss": nll.detach().sum(), "log_odds_ratio": ratio.detach().sum(),
+                    "log_odds_chosen": log_odds.detach().sum()})
+    return losses, metrics
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, *, all_ranks: bool = False) -> torch.Tensor:
+    """KTO's reference point z_ref: the batch mean of log π(y'|x) - log π_ref(y'|x) over mismatched (prompt,
+    completion) pairs, clamped at 0 (a KL is never negative; the estimate can be) and detached (the paper: no
+    gradient through z_ref), as TRL's ``KTOTrainer``. ``all_ranks``: the mean over every rank's pairs (one
+    all-reduce), so all workers use the same z_ref, as TRL's gather does."""
+    diff = (policy_kl_logps - ref_kl_logps).detach().double()
+    totals = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
+    if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)  # a rank without pairs still joins; the others' pairs count
+    elif diff.numel() == 0:
+        raise ValueError("KTO needs mismatched (prompt, completion) pairs to estimate its KL term; got none")
+    return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).to(policy_kl_logps.dtype)
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (Ethayarajh et al., 2024, eq. 7) per row, on unpaired rows labelled desirable or not.
+
+    With r = log π(y|x) - log π_ref(y|x) (summed log-probs) and z = ``kl`` (``kto_kl``): desirable rows lose
+    ``desirable_weight``·(1 - σ(β(r - z))), undesirable ones ``undesirable_weight``·(1 - σ(β(z - r))). Defaults
+    are the paper's and TRL's. Metrics, summed over rows (TRL's names: chosen = desirable, rejected =
+    undesirable): ``rewards/{chosen,rejected}_sum`` (β·r), ``logps/{chosen,rejected}_sum``,
+    ``count/{chosen,rejected}``, and ``kl`` times the row count (so the loop's mean over rows is z itself);
+    ``kto_means`` turns their means into the values TRL logs.
+    """
+    desirable = desirable.bool()
+    ratio = policy_logps - ref_logps
+    kl = kl.detach()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    rewards, logps, good = beta * ratio.detach(), policy_logps.detach(), desirable.to(policy_logps.dtype)
+    metrics = {"rewards/chosen_sum": (rewards * good).sum(), "rewards/rejected_sum": (rewards * (1 - good)).sum(),
+               "logps/chosen_sum": (logps * good).sum(), "logps/rejected_sum": (logps * (1 - good)).sum(),
+               "count/chosen": good.sum(), "count/rejected": (1 - good).sum(), "kl": kl * desirable.numel()}
+    return losses, metrics
+
+
+def kto_means(metrics: dict[str, float]) -> dict[str, float]:
+    """TRL's logged KTO values from ``kto_loss`` metrics (their sums, or the loop's means over rows: alike): per-label
+    averages of rewards and log-probs (only for labels present), their margin when both are, and ``kl``."""
+    rows = metrics["count/chosen"] + metrics["count/rejected"]
+    out = {"kl": metrics["kl"] / rows} if rows > 0 else {}
+    for side in ("chosen", "rejected"):
+        if metrics.get(f"count/{side}", 0) > 0:
+            out[f"rewards/{side}"] = metrics[f"rewards/{side}_sum"] / metrics[f"count/{side}"]
+            out[f"logps/{side}"] = metrics[f"logps/{side}_sum"] / metrics[f"count/{side}"]
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
