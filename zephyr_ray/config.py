@@ -612,6 +612,23 @@ class ServeConfig:
     # vllm backend: ray.serve.llm's OpenAI app (serve_llm), our ingress around the vLLM engine (ingress; has
     # our validation and API key), or auto = serve_llm when ray.serve.llm imports and no API key is set.
     vllm_app: str = choice("auto", "serve_llm", "ingress")
+    # LoRA adapters served beside the base model (engine.path), name -> peft adapter folder (a LoRA stage's
+    # model/adapter, or the exported model folder holding it): a request's `model` names an adapter or the base,
+    # /v1/models lists them all. Checked against the base when a replica starts. vllm (serve_llm only): cloud URIs
+    # <prefix>/<name> under one prefix (Ray Serve LLM's dynamic LoRA loading; requests name <model_name>:<name>).
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        out = []
+        for name, folder in self.adapters.items():
+            if not name.strip() or name != name.strip():
+                out.append(("adapters", f"adapter name {name!r}: names must be non-empty, without surrounding spaces"))
+            elif name == self.model_name:
+                out.append(("adapters", f"adapter {name!r} has the base model's name (serve.model_name)"))
+            elif not isinstance(folder, str) or not folder.strip():
+                out.append(("adapters", f"adapter {name!r} has no folder"))
+        return out
 
 
 @dataclass

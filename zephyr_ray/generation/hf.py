@@ -33,10 +33,12 @@ import hashlib
 import inspect
 import time
 from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.generation import check_params, option_sequences
+from zephyr_ray.generation.adapters import BASE, load_adapters
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 
 if TYPE_CHECKING:
@@ -153,9 +155,14 @@ def _output_cache(result: Any) -> Any:
 
 
 class HFEngine:
-    """``Engine`` and ``ScoringEngine`` on a transformers causal LM (CPU or one GPU)."""
+    """``Engine`` and ``ScoringEngine`` on a transformers causal LM (CPU or one GPU).
 
-    def __init__(self, cfg: EngineConfig, path: str, model: Any = None, tokenizer: Any = None):
+    ``adapters`` (served name -> peft LoRA folder) are loaded onto the model (``generation/adapters.py``);
+    ``generate(..., adapter=name)`` and ``adapter_selection`` pick them per call or per row; scoring and calls
+    without an adapter run the base with every adapter off."""
+
+    def __init__(self, cfg: EngineConfig, path: str, model: Any = None, tokenizer: Any = None,
+                 adapters: Mapping[str, str] | None = None):
         import torch
 
         from zephyr_ray.models import DTYPES, load_model, load_tokenizer
@@ -168,6 +175,9 @@ class HFEngine:
                                revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
             if torch.cuda.is_available():
                 model = model.to("cuda")
+        self._adapter_ids: dict[str, str] = {}
+        if adapters:
+            model, self._adapter_ids = load_adapters(model, adapters, path)
         self.model = model.eval().requires_grad_(False)
         self.device = self.model.device
         eos = self.model.generation_config.eos_token_id
@@ -175,6 +185,30 @@ class HFEngine:
         self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id})
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.stats = GenerationStats()
+
+    # ---------------------------------------------------------------- adapters
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The served names of the loaded LoRA adapters."""
+        return tuple(self._adapter_ids)
+
+    def adapter_selection(self, rows: Sequence[str | None]) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``/``model(...)`` that run row ``i`` of a batch with adapter
+        ``rows[i]`` (None: the base, adapters off); empty when no adapter is loaded (the plain model)."""
+        if not self._adapter_ids:
+            if any(r is not None for r in rows):
+                raise ValueError(f"adapter {next(r for r in rows if r is not None)!r} requested, but this engine has "
+                                 "no adapters loaded")
+            return {}
+        unknown = sorted({r for r in rows if r is not None and r not in self._adapter_ids})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded: {list(self._adapter_ids)}")
+        return {"adapter_names": [BASE if r is None else self._adapter_ids[r] for r in rows]}
+
+    def _base_model(self) -> Any:
+        """The transformers model (inside peft's wrapper when adapters are loaded)."""
+        return self.model.get_base_model() if self._adapter_ids else self.model
 
     # ---------------------------------------------------------------- prompts
 
@@ -207,8 +241,11 @@ class HFEngine:
 
     # ---------------------------------------------------------------- generate
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None
+                 ) -> list[list[Completion]]:
+        """``Engine.generate``; ``adapter``: a loaded adapter's served name, None = the base model."""
         check_params(params)
+        self.adapter_selection([adapter])  # an unknown adapter fails before any work
         started = time.perf_counter()
         prompts = self.prompt_ids(conversations)
         samples = params.n if params.temperature > 0 else 1  # greedy: n identical completions, decoded once
@@ -217,13 +254,14 @@ class HFEngine:
         for batch in self._buckets([len(prompts[i]) for i, _ in rows]):
             picked = [rows[b] for b in batch]
             outs = self._generate_batch([prompts[i] for i, _ in picked],
-                                        [row_seed(params.seed, j, prompts[i]) for i, j in picked], params)
+                                        [row_seed(params.seed, j, prompts[i]) for i, j in picked], params, adapter)
             done.update(zip(picked, outs))
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - started
         return [[replace(done[(i, j if samples > 1 else 0)]) for j in range(params.n)] for i in range(len(prompts))]
 
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
+                        adapter: str | None = None) -> list[Completion]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -242,7 +280,8 @@ class HFEngine:
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                      logits_processor=processors, stopping_criteria=criteria)
+                                      logits_processor=processors, stopping_criteria=criteria,
+                                      **self.adapter_selection([adapter] * len(prompts)))
         generated = out[:, width:].tolist()
         eos = set(self.eos_ids)
         completions = []
@@ -295,7 +334,8 @@ class HFEngine:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    use_cache=bool(continued), logits_to_keep=1)
+                                    use_cache=bool(continued), logits_to_keep=1,
+                                    **self.adapter_selection([None] * len(batch)))
                 scores = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1)[:, first]  # (rows, options)
                 for k, seq in continued:
                     scores[:, k] += self._continuation_logprob(_output_cache(result), mask, positions, seq)
@@ -315,6 +355,7 @@ class HFEngine:
         result = self.model(input_ids=tokens[:-1].expand(rows, n),
                             attention_mask=torch.cat([mask, mask.new_ones(rows, n)], dim=-1),
                             position_ids=positions[:, -1:] + step, use_cache=True,
-                            **{_cache_kwarg(self.model): copy.deepcopy(cache)})
+                            **{_cache_kwarg(self._base_model()): copy.deepcopy(cache)},
+                            **self.adapter_selection([None] * rows))
         logp = torch.log_softmax(result.logits.float(), dim=-1)  # (rows, n, vocab)
         return logp.gather(-1, tokens[1:].expand(rows, n)[..., None]).squeeze(-1).sum(-1)

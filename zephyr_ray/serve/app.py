@@ -7,6 +7,10 @@ Routes (under ``serve.route_prefix``): ``POST /v1/chat/completions`` (JSON, or S
   batching and token streaming of ``batching.py``; ``vllm`` is ray.serve.llm's OpenAI app (vLLM's continuous
   batching and validation) when ``ray.serve.llm`` imports, or, with ``serve.vllm_app: ingress`` or an API key,
   this ingress around ``VLLMEngine`` (our validation and key; static batches, one chunk per streamed choice).
+* **LoRA adapters** (``serve.adapters``): every adapter is loaded onto the one base model of a replica; a
+  request's ``model`` picks an adapter by name (the base's own name: the base), ``/v1/models`` lists the base and
+  the adapters (``parent``: the base). Under ``transformers`` one batch mixes adapters (peft's mixed batch, see
+  ``generation/adapters.py``); under ``vllm`` they map to ray.serve.llm's LoRA multiplexing (``lora_settings``).
 * **Key**: with ``serve.api_key_env`` set, the variable is read where the app is built (the ``zephyr-ray serve``
   driver, a job's driver, or Serve's build task for ``serve run``/``serve deploy``) and only its SHA-256 reaches
   the replicas; requests without ``Authorization: Bearer <key>`` get 401.
@@ -42,6 +46,8 @@ from zephyr_ray.serve.batching import Batcher, EngineBackend, HFStreamingBackend
 from zephyr_ray.serve.protocol import APIError, Limits
 
 log = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("s3://", "gs://", "abfss://", "azure://")  # where ray.serve.llm loads LoRA adapters from
 
 api = FastAPI(title="zephyr-ray chat", docs_url=None, redoc_url=None)
 
@@ -119,7 +125,7 @@ class ChatServer:
         if cfg.engine.backend == "transformers":
             from zephyr_ray.generation.hf import HFEngine
 
-            self.engine = HFEngine(cfg.engine, cfg.engine.path)
+            self.engine = HFEngine(cfg.engine, cfg.engine.path, adapters=cfg.serve.adapters)
             run_batch = HFStreamingBackend(self.engine)
             context = getattr(self.engine.model.config, "max_position_embeddings", None)
         else:  # vllm inside this ingress
@@ -132,8 +138,9 @@ class ChatServer:
         max_model_len = cfg.serve.max_model_len or context
         if not max_model_len:
             raise ConfigError("the model's context length is unknown: set serve.max_model_len")
+        self.adapters = tuple(cfg.serve.adapters)
         self.limits = Limits(
-            model_name=self.model_name, max_model_len=int(max_model_len),
+            model_name=self.model_name, adapters=self.adapters, max_model_len=int(max_model_len),
             max_prompt_length=cfg.engine.max_prompt_length, max_tokens_limit=cfg.serve.max_tokens_limit,
             default_max_tokens=cfg.serve.default_max_tokens, default_temperature=cfg.serve.default_temperature,
             default_top_p=cfg.serve.default_top_p, max_n=cfg.serve.max_n)
@@ -146,7 +153,8 @@ class ChatServer:
 
         self.batcher = Batcher(run_batch, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s, thread_init)
         self.live_streams = 0
-        log.info("serving %s (%s) with context %d", self.model_name, cfg.engine.path, self.limits.max_model_len)
+        log.info("serving %s (%s) with context %d%s", self.model_name, cfg.engine.path, self.limits.max_model_len,
+                 f" and adapters {list(self.adapters)}" if self.adapters else "")
 
     # -------------------------------------------------------------------------------------- helpers
 
@@ -180,27 +188,30 @@ class ChatServer:
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
         self.check_health()
-        return {"status": "ok", "model": self.model_name, "queued": len(self.batcher.pending),
+        return {"status": "ok", "model": self.model_name, "adapters": list(self.adapters),
+                "queued": len(self.batcher.pending),
                 "batching": asdict(self.batcher.stats)}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        return protocol.models_response(self.model_name, self.created, self.limits.max_model_len)
+        return protocol.models_response(self.model_name, self.created, self.limits.max_model_len, self.adapters)
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> dict[str, Any]:
         self._auth(request)
-        if model_id != self.model_name:
+        if model_id != self.model_name and model_id not in self.adapters:
             raise APIError(404, f"The model {model_id!r} does not exist", "model", "model_not_found")
-        return protocol.model_card(self.model_name, self.created, self.limits.max_model_len)
+        return protocol.model_card(model_id, self.created, self.limits.max_model_len,
+                                   None if model_id == self.model_name else self.model_name)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._auth(request)
         body = protocol.parse_json(await request.body())
         req = protocol.parse_chat_request(body, self.limits, self._tokenize)
-        job = Job(req.conversation, req.prompt_ids, req.params, req.stream)
+        job = Job(req.conversation, req.prompt_ids, req.params, req.stream,
+                  adapter=None if req.model == self.model_name else req.model)
         self.batcher.submit(job)
         if req.stream:
             return StreamingResponse(self._stream(req, job), media_type="text/event-stream",
@@ -210,12 +221,12 @@ class ChatServer:
         except asyncio.CancelledError:
             job.cancelled = True
             raise
-        return JSONResponse(protocol.completion_response(req, self.model_name, completions))
+        return JSONResponse(protocol.completion_response(req, req.model, completions))
 
     async def _stream(self, req: protocol.ChatRequest, job: Job):
         """SSE: a role chunk, content chunks (what came in one ``stream_interval_s`` merged per choice), a finish
         chunk per choice, the usage chunk when asked for, ``data: [DONE]``."""
-        n, model = req.params.n, self.model_name
+        n, model = req.params.n, req.model
         finished: dict[int, Any] = {}
         # The role chunk rides with the first content: every event sent costs a hop through Serve.
         role = protocol.chunk(req, model, [protocol.delta_choice(i, {"role": "assistant", "content": ""})
@@ -301,6 +312,13 @@ def check_config(cfg: ServeRecipe) -> None:
         raise ConfigError(f"serve.num_replicas must be >= 1, got {s.num_replicas}")
     if not s.route_prefix.startswith("/"):
         raise ConfigError(f"serve.route_prefix must start with '/', got {s.route_prefix!r}")
+    base = s.model_name or cfg.engine.name
+    if base in s.adapters:
+        raise ConfigError(f"serve.adapters.{base}: an adapter may not have the base model's name "
+                          f"({'serve.model_name' if s.model_name else 'engine.name'}={base!r})")
+    if s.adapters and cfg.engine.backend == "vllm" and not use_serve_llm(cfg):
+        raise ConfigError("serve.adapters with engine.backend=vllm need ray.serve.llm's LoRA multiplexing "
+                          "(serve.vllm_app=serve_llm, no serve.api_key_env); this ingress serves no adapters on vllm")
 
 
 def read_api_key(cfg: ServeRecipe) -> str | None:
@@ -352,7 +370,41 @@ def llm_config(cfg: ServeRecipe) -> dict[str, Any]:
                            "engine_kwargs": engine_kwargs, "deployment_config": deployment}
     if s.accelerator_type:
         out["accelerator_type"] = s.accelerator_type
+    if s.adapters:
+        lora = lora_settings(s.adapters, s.max_batch_size)
+        engine_kwargs.update(lora["engine_kwargs"])
+        out["lora_config"] = lora["lora_config"]
     return out
+
+
+def lora_settings(adapters: dict[str, str], max_batch_size: int) -> dict[str, Any]:
+    """``serve.adapters`` as ray.serve.llm's LoRA multiplexing: ``lora_config`` (``dynamic_lora_loading_path``,
+    ``max_num_adapters_per_replica``) and the vLLM ``engine_kwargs`` that enable LoRA.
+
+    Ray Serve LLM loads adapters on demand from one cloud folder (s3://, gs://, abfss://, azure://) whose
+    subfolders are the adapters, and serves adapter ``x`` as model ``<model_id>:x``. So every value of
+    ``adapters`` must be ``<prefix>/<name>`` with one shared prefix. vLLM's ``max_lora_rank`` keeps its default
+    (16, ``model.lora.r``'s default); adapters of a higher rank are refused by vLLM when they load.
+    Not runnable here (vllm is not installed in this project's test environment): only this mapping is tested."""
+    prefixes = set()
+    for name, uri in adapters.items():
+        if not uri.startswith(REMOTE_SCHEMES):
+            raise ConfigError(f"serve.adapters.{name}={uri!r}: with engine.backend=vllm (ray.serve.llm) adapters load "
+                              f"from cloud storage: give a URI starting with one of {list(REMOTE_SCHEMES)}")
+        if ":" in name:
+            raise ConfigError(f"serve.adapters.{name}: ray.serve.llm addresses adapters as <model>:<adapter>, so an "
+                              "adapter name may not contain ':'")
+        prefix, _, last = uri.rstrip("/").rpartition("/")
+        if last != name:
+            raise ConfigError(f"serve.adapters.{name}={uri!r}: ray.serve.llm names an adapter by its folder, so the "
+                              f"URI must end in /{name}")
+        prefixes.add(prefix)
+    if len(prefixes) > 1:
+        raise ConfigError(f"serve.adapters: ray.serve.llm loads adapters from one folder, but they lie under "
+                          f"{sorted(prefixes)}: put them side by side under one prefix")
+    count = len(adapters)
+    return {"lora_config": {"dynamic_lora_loading_path": prefixes.pop(), "max_num_adapters_per_replica": count},
+            "engine_kwargs": {"enable_lora": True, "max_loras": min(count, max_batch_size), "max_cpu_loras": count}}
 
 
 def prepare(cfg: ServeRecipe) -> ServeRecipe:
@@ -368,7 +420,10 @@ def prepare(cfg: ServeRecipe) -> ServeRecipe:
                               arch=cfg.engine.tiny_arch)
     if "://" not in path and Path(path).exists():
         path = str(Path(path).absolute())
-    return replace(cfg, engine=replace(cfg.engine, path=path))
+    # Local adapter folders made absolute too: replicas may run in another working directory.
+    adapters = {name: str(Path(folder).absolute()) if "://" not in folder and Path(folder).exists() else folder
+                for name, folder in cfg.serve.adapters.items()}
+    return replace(cfg, engine=replace(cfg.engine, path=path), serve=replace(cfg.serve, adapters=adapters))
 
 
 def build_app(cfg: ServeRecipe, api_key: str | None | bool = True):

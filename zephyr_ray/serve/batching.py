@@ -16,8 +16,10 @@
   criterion sees every new token of every row and streams the row's new text right away (real token-by-token
   SSE). A row's tokens, text, ``completion_tokens`` and ``finish_reason`` follow ``HFEngine``'s rules, and its
   sampling seed is ``row_seed(seed, sample, prompt ids)`` as in the engine, so a request gets the same
-  completion as ``HFEngine.generate`` on its conversation with the same params (greedy: token-exact in any
-  batch; sampled: up to float rounding across batch shapes, see ``generation/hf.py``). Greedy requests with
+  completion as ``HFEngine.generate`` on its conversation with the same params and adapter (greedy: token-exact
+  in any batch; sampled: up to float rounding across batch shapes, see ``generation/hf.py``). Rows of different
+  LoRA adapters (``Job.adapter``) and of the base share the batch: peft runs each row's own adapter
+  (``generation/adapters.py``). Greedy requests with
   ``n > 1`` decode once and copy, as the engine does. A cancelled request (client gone) stops its rows at the
   next step.
 * ``EngineBackend`` (any ``Engine``, e.g. vLLM's offline engine): requests with equal sampling params are
@@ -67,11 +69,13 @@ def _deliver(items: list[tuple[Job, tuple]]) -> None:
 class Job:
     """One request on its way through the batcher. Its events, ``("delta", choice, text)``,
     ``("finish", choice, Completion)`` and ``("error", None, exception)``, reach ``events`` (an asyncio queue of
-    the request's loop) from the generation thread through ``post``."""
+    the request's loop) from the generation thread through ``post``. ``adapter``: the LoRA adapter (served name)
+    that generates it, None = the base model."""
 
     def __init__(self, conversation: Conversation, prompt_ids: list[int], params: SamplingParams, stream: bool,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, adapter: str | None = None):
         self.conversation, self.prompt_ids, self.params, self.stream = conversation, prompt_ids, params, stream
+        self.adapter = adapter
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
@@ -303,9 +307,10 @@ class HFStreamingBackend:
         tracker = _tracker_cls()(self, rows, width)
         config = GenerationConfig(max_new_tokens=max(r.params.max_new_tokens for r in rows), do_sample=False,
                                   num_beams=1, use_cache=True, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
-        with torch.inference_mode():
+        with torch.inference_mode():  # rows of different LoRA adapters share the batch (peft's mixed batch)
             engine.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                  logits_processor=processors, stopping_criteria=StoppingCriteriaList([tracker]))
+                                  logits_processor=processors, stopping_criteria=StoppingCriteriaList([tracker]),
+                                  **engine.adapter_selection([r.job.adapter for r in rows]))
         out: list[tuple[Job, tuple]] = []
         for row in rows:  # generate ended (every row is normally finished by the tracker already)
             if not row.done:

@@ -18,6 +18,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,8 @@ class Limits:
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     max_n: int = 8
+    # LoRA adapters served beside the base: a request's model may name one of them.
+    adapters: tuple[str, ...] = ()
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ChatRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stream: bool = False
+    # The model the request named: the base's name or an adapter's (echoed in the response).
+    model: str = ""
     include_usage: bool = False
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -245,8 +250,9 @@ def parse_chat_request(body: dict[str, Any], limits: Limits, tokenize) -> ChatRe
     model = body.get("model")
     if model is None:
         raise bad("'model' is required", "model", "missing_required_parameter")
-    if model != limits.model_name:
-        raise APIError(404, f"The model {model!r} does not exist; this server serves {limits.model_name!r}", "model",
+    if model != limits.model_name and model not in limits.adapters:
+        served = ", ".join(repr(m) for m in (limits.model_name, *limits.adapters))
+        raise APIError(404, f"The model {model!r} does not exist; this server serves {served}", "model",
                        "model_not_found")
     conversation = parse_messages(body.get("messages"))
     parse_sampling(body, limits)  # every parameter error before the (costlier) chat template
@@ -260,7 +266,7 @@ def parse_chat_request(body: dict[str, Any], limits: Limits, tokenize) -> ChatRe
                   f"most {longest}. However, your messages resulted in {len(prompt_ids)} tokens. Please reduce the "
                   "length of the messages.", "messages", "context_length_exceeded")
     params, flags = parse_sampling(body, limits, len(prompt_ids))
-    return ChatRequest(conversation, prompt_ids, params, **flags)
+    return ChatRequest(conversation, prompt_ids, params, model=model, **flags)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -302,10 +308,15 @@ def delta_choice(index: int, delta: dict[str, Any], finish_reason: str | None = 
 DONE = "data: [DONE]\n\n"
 
 
-def models_response(model: str, created: int, max_model_len: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model, created, max_model_len)]}
+def models_response(model: str, created: int, max_model_len: int, adapters: Sequence[str] = ()) -> dict[str, Any]:
+    """The base model's card, then one per LoRA adapter (``parent``: the base, as vLLM lists adapters)."""
+    return {"object": "list", "data": [model_card(model, created, max_model_len),
+                                       *(model_card(a, created, max_model_len, model) for a in adapters)]}
 
 
-def model_card(model: str, created: int, max_model_len: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "zephyr-ray",
+def model_card(model: str, created: int, max_model_len: int, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": model, "object": "model", "created": created, "owned_by": "zephyr-ray",
             "max_model_len": max_model_len}
+    if parent is not None:
+        card["parent"] = parent
+    return card
