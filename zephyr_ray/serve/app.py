@@ -282,25 +282,12 @@ def deployment_options(cfg: ServeRecipe) -> dict[str, Any]:
     return opts
 
 
-def check_config(cfg: ServeRecipe) -> None:
+def warn_config(cfg: ServeRecipe) -> None:
+    """Settings that work but serve badly (the rules that fail are ``ServeRecipe.problems``, checked at load)."""
     s = cfg.serve
-    if cfg.engine.backend == "openai":
-        raise ConfigError("engine.backend=openai cannot be served (it is a client); use transformers or vllm")
-    if s.max_batch_size < 1 or s.max_n < 1 or s.max_tokens_limit < 1:
-        raise ConfigError("serve.max_batch_size, serve.max_n and serve.max_tokens_limit must be >= 1")
-    if s.max_ongoing_requests < 1:
-        raise ConfigError(f"serve.max_ongoing_requests must be >= 1, got {s.max_ongoing_requests}")
     if s.max_ongoing_requests < s.max_batch_size:
         log.warning("serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches can never fill",
                     s.max_ongoing_requests, s.max_batch_size)
-    a = s.autoscaling
-    if a.enabled and not 0 <= a.min_replicas <= a.max_replicas:
-        raise ConfigError(f"serve.autoscaling needs 0 <= min_replicas <= max_replicas, got {a.min_replicas}, "
-                          f"{a.max_replicas}")
-    if not a.enabled and s.num_replicas < 1:
-        raise ConfigError(f"serve.num_replicas must be >= 1, got {s.num_replicas}")
-    if not s.route_prefix.startswith("/"):
-        raise ConfigError(f"serve.route_prefix must start with '/', got {s.route_prefix!r}")
 
 
 def read_api_key(cfg: ServeRecipe) -> str | None:
@@ -317,10 +304,7 @@ def read_api_key(cfg: ServeRecipe) -> str | None:
 def use_serve_llm(cfg: ServeRecipe) -> bool:
     """Whether the vllm backend goes through ray.serve.llm (see ``ServeConfig.vllm_app``)."""
     mode = cfg.serve.vllm_app
-    if mode == "serve_llm":
-        if cfg.serve.api_key_env:
-            raise ConfigError("serve.vllm_app=serve_llm has no API key check; use serve.vllm_app=ingress (or auto) "
-                              "with serve.api_key_env, or put an authenticating gateway in front")
+    if mode == "serve_llm":  # without serve.api_key_env: ServeConfig.problems
         return True
     if mode == "ingress" or cfg.serve.api_key_env:
         return False
@@ -359,7 +343,7 @@ def prepare(cfg: ServeRecipe) -> ServeRecipe:
     """Validate and resolve the model path (building the tiny model when ``engine.path`` is empty)."""
     from zephyr_ray.models import resolve_model_path
 
-    check_config(cfg)
+    warn_config(cfg)
     if cfg.engine.backend == "vllm":
         from zephyr_ray.generation.vllm_engine import import_vllm
 
