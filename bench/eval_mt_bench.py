@@ -19,6 +19,7 @@ it is what this measures: the pipeline's throughput, not a model's quality.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -74,7 +75,7 @@ def main() -> None:
             "alpaca_eval.enabled=false", f"mt_bench.sampling.max_new_tokens={a.max_new_tokens}",
             f"judge.sampling.max_new_tokens={a.judge_max_new_tokens}", f"judge.max_attempts={a.max_attempts}", *a.set],
             EvalRecipe)
-        cfg.models = cfg.models[:a.models]
+        cfg = dataclasses.replace(cfg, models=cfg.models[:a.models])
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             start = time.perf_counter()

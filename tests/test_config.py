@@ -103,3 +103,69 @@ def test_offload_options_reach_the_zero_block():
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 0.5
     with pytest.raises(ValueError, match="stage 1, 2 or 3"):
         deepspeed_config(DeepSpeedConfig(config="configs/deepspeed/zero0.json", offload_optimizer=True), TrainConfig(), 1)
+
+
+# --- rules between fields: each section's problems(), raised as ConfigError when the config loads ----------------
+
+@pytest.mark.parametrize(("recipe", "overrides", "message"), [
+    ("tiny/dpo.yaml", ["data.max_length=512", "dpo.max_prompt_length=512"],
+     r"^dpo.max_prompt_length=512: leaves no room for a response in data.max_length=512"),
+    ("tiny/aif.yaml", ["candidates.1.name=tiny-a"],
+     r"^candidates: names must be distinct \(they label completions\): \['tiny-a', 'tiny-a', 'tiny-c'\]"),
+    ("tiny/aif.yaml", ["judges=[]"], r"^judges=\[\]: needs at least one judge"),
+    ("tiny/aif.yaml", ["judges.0.engine.backend=openai", "judges.0.engine.path=gpt-4", "judges.0.mode=expected"],
+     r"^judges\[0\].mode='expected': expected needs next-token probabilities"),
+    ("tiny/aif.yaml", ["judges.0.engine.backend=openai", "judges.0.mode=generate"],
+     r"^judges\[0\].engine.path=None: must name the model for the openai backend"),
+    ("tiny/aif.yaml", ["candidates.2.max_concurrency=0"], r"^candidates\[2\].max_concurrency=0: must be >= 1"),
+    ("tiny/aif.yaml", ["sampling.max_new_tokens=0"], r"^sampling.max_new_tokens=0: must be >= 1"),
+    ("tiny/aif.yaml", ["sampling.temperature=-1"], r"^sampling.temperature=-1.0: must be >= 0 \(0 = greedy\)"),
+    ("tiny/aif.yaml", ["sampling.stop=['']"], r"^sampling.stop=\[''\]: must be non-empty strings"),
+    ("tiny/selfinstruct.yaml", ["turns=0"], r"^turns=0: must be >= 1"),
+    ("tiny/generate.yaml", ["sampling.n=0"], r"^sampling.n=0: must be >= 1"),
+])
+def test_cross_field_rules_fail_at_load_naming_the_fields(recipe, overrides, message):
+    schema = RECIPES[Path(recipe).stem]
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / recipe, overrides, schema)
+
+
+def test_aif_rules_that_depend_on_other_fields(tmp_path):
+    from zephyr_ray.config import AIFRecipe
+
+    # Pre-generated completions replace the candidates: their names no longer label anything.
+    cfg = load_config(ROOT / "configs/tiny/aif.yaml", ["candidates.1.name=tiny-a", "completions=c.jsonl"], AIFRecipe)
+    assert [c.name for c in cfg.candidates] == ["tiny-a", "tiny-a", "tiny-c"]
+    # The openai backend needs a model name; a local one builds the tiny model without one.
+    assert load_config(ROOT / "configs/tiny/aif.yaml", [], AIFRecipe).judges[0].engine.path is None
+    two = tmp_path / "aif.yaml"
+    two.write_text("judges:\n  - engine: {name: j}\n  - engine: {name: j, tiny_seed: 5}\n")
+    with pytest.raises(ConfigError, match=r"^judges: engine names must be distinct \(they label scores\): \['j', 'j'\]"):
+        load_config(two, [], AIFRecipe)
+
+
+def test_a_choice_is_checked_before_the_rules_that_read_it(tmp_path):
+    from zephyr_ray.config import EvalRecipe
+
+    with pytest.raises(ConfigError, match=r"^judge.engine.backend='http' is not valid"):
+        load_config(ROOT / "configs/tiny/eval.yaml", ["judge.engine.backend=http"], EvalRecipe)
+
+
+def test_sampling_rules_are_one_set_for_configs_and_engines():
+    from zephyr_ray.config import SamplingParams as FromConfig
+    from zephyr_ray.generation import check_params
+    from zephyr_ray.generation.types import SamplingParams
+
+    assert SamplingParams is FromConfig
+    assert SamplingParams(top_p=0, n=0).problems() == [("n", "must be >= 1"), ("top_p", "must be in (0, 1]")]
+    with pytest.raises(ValueError, match=r"^sampling.n must be >= 1, got 0$"):
+        check_params(SamplingParams(n=0))
+    check_params(SamplingParams(temperature=0.7, top_p=0.95, stop=["\n\n"]))
+
+
+def test_validate_checks_a_config_built_in_code():
+    from zephyr_ray.config import DPOConfig, DPORecipe, validate
+
+    validate(DPORecipe())
+    with pytest.raises(ConfigError, match=r"^dpo.max_prompt_length=2048: leaves no room"):
+        validate(DPORecipe(dpo=DPOConfig(max_prompt_length=2048)))

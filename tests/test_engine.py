@@ -1,9 +1,10 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from zephyr_ray.config import SFTRecipe
+from zephyr_ray.config import SFTRecipe, TrainConfig
 from zephyr_ray.train.engine import lr_lambda
 from zephyr_ray.train.launch import plan_steps
 
@@ -19,11 +20,10 @@ def test_cosine_with_warmup_by_hand():
 
 
 def test_plan_steps():
-    cfg = SFTRecipe()
-    cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, cfg.train.epochs = 4, 2, 3
+    cfg = SFTRecipe(train=TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, epochs=3))
     plan, dropped = plan_steps(23, 2, cfg)  # 11 rows a worker -> 3 micro-batches -> 2 steps an epoch
     assert (plan.total_steps, plan.micro_batches_per_epoch, dropped) == (6, 3, 1)
-    cfg.train.max_steps = 4
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=4))
     assert plan_steps(23, 2, cfg)[0].total_steps == 4
     with pytest.raises(ValueError, match="cannot feed"):
         plan_steps(1, 2, cfg)

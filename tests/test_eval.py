@@ -352,21 +352,30 @@ def test_alpaca_rows_outputs_and_preferences(tmp_path):
     assert list(report.skipped) == ["preference: expected a number in [1, 2] (1: output_1 better, 2: output_2), got 3"]
 
 
-def test_recipe_checks(tmp_path):
-    from zephyr_ray.config import EngineConfig, EvalRecipe, load_config
-    from zephyr_ray.eval.run import check_recipe
+def test_recipe_rules_fail_when_the_config_loads():
+    from zephyr_ray.config import ConfigError, EvalRecipe, load_config
 
-    cfg = load_config(ROOT / "configs/tiny/eval.yaml", [], EvalRecipe)
-    check_recipe(cfg)
-    with pytest.raises(ValueError, match="exactly one reference"):
-        check_recipe(load_config(ROOT / "configs/tiny/eval.yaml", ["alpaca_eval.reference_model=x"], EvalRecipe))
-    with pytest.raises(ValueError, match="names must be distinct"):
-        check_recipe(load_config(ROOT / "configs/tiny/eval.yaml", ["models.1.name=tiny-a"], EvalRecipe))
-    with pytest.raises(ValueError, match="nothing to evaluate"):
-        check_recipe(EvalRecipe(mt_bench=cfg.mt_bench.__class__(enabled=False),
-                                alpaca_eval=cfg.alpaca_eval.__class__(enabled=False)))
-    with pytest.raises(ValueError, match="also an evaluated model"):
-        check_recipe(EvalRecipe(models=[EngineConfig(name="r")], alpaca_eval=cfg.alpaca_eval.__class__(reference_model="r")))
+    def load(*overrides: str) -> EvalRecipe:
+        return load_config(ROOT / "configs/tiny/eval.yaml", list(overrides), EvalRecipe)
+
+    cfg = load()
+    assert cfg.alpaca_models() == ["tiny-a", "tiny-b"] and cfg.reference_name() == "tiny-reference"
+    with pytest.raises(ConfigError, match=r"^alpaca_eval.reference_model='x': needs exactly one reference"):
+        load("alpaca_eval.reference_model=x")
+    with pytest.raises(ConfigError, match=r"^models: names must be distinct .*\['tiny-a', 'tiny-a'\]"):
+        load("models.1.name=tiny-a")
+    with pytest.raises(ConfigError, match=r"^models\[1\].name='a/b': is not usable as a folder name"):
+        load("models.1.name=a/b")
+    with pytest.raises(ConfigError, match=r"^mt_bench.enabled=False: and alpaca_eval.enabled are both false"):
+        load("mt_bench.enabled=false", "alpaca_eval.enabled=false")
+    with pytest.raises(ConfigError, match=r"^alpaca_eval: reference 'tiny-a' is also an evaluated model"):
+        load("alpaca_eval.reference.name=tiny-a")
+    with pytest.raises(ConfigError, match=r"^mt_bench.reference_categories=\['math', 'poetry'\]: \['poetry'\] are not"):
+        load("mt_bench.reference_categories=[math,poetry]")
+    with pytest.raises(ConfigError, match=r"^judge.max_attempts=0: must be >= 1"):
+        load("judge.max_attempts=0")
+    with pytest.raises(ConfigError, match=r"^alpaca_eval.sampling.top_p=0.0: must be in \(0, 1\]"):
+        load("alpaca_eval.sampling.top_p=0")
 
 
 def test_radar_falls_back_to_bars_under_three_categories(tmp_path):

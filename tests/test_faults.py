@@ -248,7 +248,6 @@ def test_kill9_of_a_train_worker_resumes_from_the_newest_complete_checkpoint_sft
               f"train.checkpoint_every={every}", f"train.keep_checkpoints={keep}", "run.max_failures=1"]
     clean = run_sft(load_config(ROOT / "configs/tiny/sft.yaml", [*common, f"run.output_dir={tmp_path / 'clean'}"]))
     cfg = load_config(ROOT / "configs/tiny/sft.yaml", [*common, f"run.output_dir={tmp_path / 'killed'}"])
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).absolute())
     killer = KillWhenCheckpointed(checkpoint_root(cfg), step=3)
     killer.start()
     killed = run_sft(cfg)
@@ -275,7 +274,6 @@ def test_kill9_of_rank0_resumes_from_the_newest_complete_checkpoint_dpo(ray_clus
     clean = run_dpo(load_config(ROOT / "configs/tiny/dpo.yaml", [*common, f"run.output_dir={tmp_path / 'clean'}"],
                                 DPORecipe))
     cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [*common, f"run.output_dir={tmp_path / 'killed'}"], DPORecipe)
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).absolute())
     killer = KillWhenCheckpointed(checkpoint_root(cfg), step=4, which=0)  # the lowest pid: usually rank 0
     killer.start()
     killed = run_dpo(cfg)
@@ -582,7 +580,8 @@ def test_under_a_ray_job_relative_outputs_go_to_the_persistent_base(tmp_path, mo
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job's driver
     monkeypatch.setenv(BASE_ENV, str(tmp_path / "base"))
     cfg = load_config(ROOT / "configs/tiny/sft.yaml", ["run.output_dir=runs/sft"], SFTRecipe)
-    assert open_run(cfg) == tmp_path / "base" / "runs" / "sft" and cfg.run.output_dir == str(tmp_path / "base/runs/sft")
+    placed, out = open_run(cfg)
+    assert out == tmp_path / "base" / "runs" / "sft" and placed.run.output_dir == str(tmp_path / "base/runs/sft")
     assert new_run_dir("runs").parent == tmp_path / "base" / "runs"
     assert output_path("/abs/x") == Path("/abs/x")  # absolute paths are the user's
     assert f"resolve against {tmp_path / 'base'}" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from zephyr_ray.config import EngineConfig
+from zephyr_ray.config import ConfigError, EngineConfig, validate
 from zephyr_ray.generation import Completion, SamplingParams, ScoringEngine, make_engine, option_sequences
 from zephyr_ray.generation.hf import HFEngine, _processors
 from zephyr_ray.generation.openai_engine import EndpointError, OpenAIEngine
@@ -529,8 +529,8 @@ def test_openai_key_required_unless_local(serve, monkeypatch):
     monkeypatch.delenv("ZR_TEST_KEY", raising=False)
     with pytest.raises(ValueError, match="ZR_TEST_KEY"):
         openai_engine("https://api.openai.com/v1")
-    with pytest.raises(ValueError, match="engine.path"):
-        make_engine(EngineConfig(backend="openai", base_url="http://127.0.0.1:1/v1"), ".")
+    with pytest.raises(ConfigError, match="^path=None: must name the model for the openai backend"):
+        validate(EngineConfig(backend="openai", base_url="http://127.0.0.1:1/v1"))  # a config rule, checked at load
     srv = serve()
     engine = openai_engine(srv.base_url)  # local: no key needed, none sent
     engine.generate([[{"role": "user", "content": "x"}]], SamplingParams(n=2))  # greedy: one request, copied

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -216,16 +217,24 @@ def _cfg(*overrides):
 
 def test_stage_is_registered_and_recipe_checks():
     from zephyr_ray.cli import STAGES
-    from zephyr_ray.config import RECIPES, LeaderboardRecipe
+    from zephyr_ray.config import RECIPES, ConfigError, LeaderboardRecipe
     from zephyr_ray.eval.leaderboard_run import check_recipe
 
     assert STAGES["leaderboard"][0] is LeaderboardRecipe and RECIPES["leaderboard"] is LeaderboardRecipe
     assert (ROOT / "jobs" / "leaderboard.py").is_file()
     check_recipe(_cfg())
-    with pytest.raises(ValueError, match="backend native scores with transformers"):
-        check_recipe(_cfg("models.0.backend=vllm"))
-    with pytest.raises(ValueError, match="distinct"):
-        check_recipe(_cfg("models.1.name=tiny-a"))
+    with pytest.raises(ConfigError, match=r"^models\[0\].backend='vllm': backend native scores with transformers"):
+        _cfg("models.0.backend=vllm")
+    with pytest.raises(ConfigError, match=r"^models: names must be distinct .*\['tiny-a', 'tiny-a'\]"):
+        _cfg("models.1.name=tiny-a")
+    with pytest.raises(ConfigError, match=r"^models\[0\].backend='openai': lm_eval runs a local HF model"):
+        _cfg("backend=lm_eval", "models.0.backend=openai", "models.0.path=gpt-4")
+    with pytest.raises(ConfigError, match=r"^tasks: names must be distinct"):
+        _cfg("tasks.1.name=arc")
+    with pytest.raises(ConfigError, match=r"^tasks\[0\].num_fewshot=-1: must be >= 0"):
+        _cfg("tasks.0.num_fewshot=-1")
+    with pytest.raises(ConfigError, match=r"^tasks\[0\].fewshot_pool=1: is smaller than num_fewshot \(3\)"):
+        _cfg("tasks.0.fewshot_pool=1")
     if importlib.util.find_spec("lm_eval") is None:
         with pytest.raises(RuntimeError, match=r"zephyr-ray\[leaderboard\]"):
             check_recipe(_cfg("backend=lm_eval"))
@@ -286,10 +295,10 @@ def test_lm_eval_backend_scores_the_local_task_files_like_native(ray_cluster, tm
     results = {}
     for backend in ("native", "lm_eval"):
         cfg = _cfg(f"run.output_dir={tmp_path / backend}", f"backend={backend}", "wandb.enabled=false")
-        cfg.models = cfg.models[:1]
-        cfg.tasks = [t for t in cfg.tasks if t.name in ("mmlu", "truthfulqa_mc2")]
-        for t in cfg.tasks:  # few-shot draws differ (the harness samples its own); descriptions do not
-            t.num_fewshot, t.fewshot_pool, t.lm_eval_task = 0, 2, None
+        # Few-shot draws differ (the harness samples its own); descriptions do not.
+        tasks = [replace(t, num_fewshot=0, fewshot_pool=2, lm_eval_task=None) for t in cfg.tasks
+                 if t.name in ("mmlu", "truthfulqa_mc2")]
+        cfg = replace(cfg, models=cfg.models[:1], tasks=tasks)
         results[backend] = run_leaderboard(cfg).results["models"]["tiny-a"]["tasks"]
     for task in ("mmlu", "truthfulqa_mc2"):
         native, harness = (

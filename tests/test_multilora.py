@@ -182,10 +182,11 @@ def test_config_validates_adapter_names_and_folders():
             load(*overrides)
         assert "serve.adapters" in str(err.value)
 
+    with pytest.raises(ConfigError, match=r"serve.adapters.base='/x': .*engine.name='base'"):
+        load("serve.adapters={base: /x}")  # at load, before anything starts
+
     from zephyr_ray.serve.app import check_config
 
-    with pytest.raises(ConfigError, match=r"serve.adapters.base: .*engine.name='base'"):
-        check_config(load("serve.adapters={base: /x}"))
     with pytest.raises(ConfigError, match="need ray.serve.llm"):
         check_config(load("engine.backend=vllm", "serve.vllm_app=ingress", "serve.adapters={a: s3://b/a}"))
 

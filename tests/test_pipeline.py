@@ -62,13 +62,36 @@ def test_stages_are_chained_through_the_earlier_artifacts(tmp_path):
     assert len(pipeline.aif_config(_tiny("pipeline.sft_as_candidate=false"), run, "/m").candidates) == 3
 
 
-def test_pipeline_config_problems_fail_before_anything_runs(tmp_path):
-    with pytest.raises(ConfigError, match="'dsft' is taken"):
-        pipeline.aif_config(_tiny("aif.candidates.1.name=dsft"), tmp_path, "/m")
-    with pytest.raises(ConfigError, match="aif.completions"):
-        pipeline.check_pipeline(_tiny("aif.completions=x.jsonl"))
-    with pytest.raises(ConfigError, match="judge.max_attempts"):
-        pipeline.check_pipeline(_tiny("eval.judge.max_attempts=0"))
+def test_pipeline_config_problems_fail_when_it_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"^aif.candidates: the name 'dsft' is taken"):
+        _tiny("aif.candidates.1.name=dsft")
+    _tiny("aif.candidates.1.name=dsft", "pipeline.sft_as_candidate=false")  # no dSFT candidate: the name is free
+    with pytest.raises(ConfigError, match=r"^aif.completions='x.jsonl': pre-generated completions"):
+        _tiny("aif.completions=x.jsonl")
+    with pytest.raises(ConfigError, match=r"^eval.judge.max_attempts=0: must be >= 1"):
+        _tiny("eval.judge.max_attempts=0")
+    with pytest.raises(ConfigError, match=r"^aif.sampling.n=0: must be >= 1"):
+        _tiny("aif.sampling.n=0")
+    with pytest.raises(ConfigError, match=r"^dpo.dpo.max_prompt_length=4096: leaves no room .* data.max_length=\d+"):
+        _tiny("dpo.dpo.max_prompt_length=4096")
+    with pytest.raises(ConfigError, match=r"^aif.candidates=\[\]: is empty: nobody answers"):
+        _tiny("aif.candidates=[]")
+    with pytest.raises(ConfigError, match=r"^aif.candidates=\[\]: is empty and pipeline.sft_as_candidate is false"):
+        _tiny("aif.candidates=[]", "pipeline.sft_as_candidate=false")
+    with pytest.raises(ConfigError, match=r"^eval.models=\[\]: needs one entry"):
+        _tiny("eval.models=[]")
+
+
+def test_stage_sections_are_validated_as_the_pipeline_runs_them():
+    """The eval section's models are only the template of the dSFT and dDPO engines: its rules see dsft and
+    ddpo as the evaluated models, not the template's name."""
+    cfg = _tiny("eval.alpaca_eval.reference.name=tiny-a")  # tiny-a is the template, not an evaluated model
+    assert cfg.eval.alpaca_eval.reference.name == "tiny-a"
+    with pytest.raises(ConfigError, match=r"^eval.alpaca_eval: reference 'ddpo' is also an evaluated model"):
+        _tiny("eval.alpaca_eval.reference.name=ddpo")
+    view = cfg.validation_view()
+    assert [m.name for m in view.eval.models] == ["dsft", "ddpo"] and view.aif.candidates[-1].name == "dsft"
+    assert cfg.eval.models[0].name == "tiny-a" and len(cfg.aif.candidates) == 3, "the loaded config is unchanged"
 
 
 def test_run_dirs_are_fresh_and_the_manifest_round_trips(tmp_path):
@@ -92,8 +115,9 @@ def test_a_stage_run_dir_given_relative_becomes_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs/tiny/sft.yaml", ["run.output_dir=runs/x"], SFTRecipe)
-    out = open_run(cfg)
-    assert out == tmp_path / "runs" / "x" and out.is_dir() and cfg.run.output_dir == str(out)
+    placed, out = open_run(cfg)
+    assert out == tmp_path / "runs" / "x" and out.is_dir() and placed.run.output_dir == str(out)
+    assert cfg.run.output_dir == "runs/x", "the loaded config is not changed in place"
     assert json.loads((out / "config.json").read_text())["run"]["output_dir"] == str(out)
 
 

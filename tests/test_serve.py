@@ -344,8 +344,7 @@ def test_serve_config_yamls_build_their_recipes():
         module, attr = application["import_path"].split(":")
         assert module == "zephyr_ray.serve.app" and callable(getattr(serve_app, attr))
         args = application["args"]
-        cfg = load_config(ROOT / args["config"], args.get("overrides", []), ServeRecipe)
-        serve_app.check_config(cfg)
+        load_config(ROOT / args["config"], args.get("overrides", []), ServeRecipe)  # validates
     with pytest.raises(ValueError, match="unknown application args"):
         serve_app.app_builder({"config": "configs/tiny/serve.yaml", "bogus": 1})
 
@@ -378,8 +377,27 @@ def test_missing_key_variable_and_unservable_backend_fail_before_deploying(tiny_
     os.environ.pop(KEY_ENV, None)
     with pytest.raises(ConfigError, match=KEY_ENV):
         build_app(recipe(tiny_model, 1))
-    with pytest.raises(ConfigError, match="openai"):
-        build_app(recipe(tiny_model, 1, "engine.backend=openai"))
+    with pytest.raises(ConfigError, match=r"^engine.backend='openai': cannot be served"):
+        recipe(tiny_model, 1, "engine.backend=openai", "engine.path=gpt-4")  # at load, before any deploying
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("serve.max_batch_size=0", r"^serve.max_batch_size=0: must be >= 1"),
+    ("serve.max_ongoing_requests=0", r"^serve.max_ongoing_requests=0: must be >= 1"),
+    ("serve.num_replicas=0", r"^serve.num_replicas=0: must be >= 1"),
+    ("serve.route_prefix=v1", r"^serve.route_prefix='v1': must start with '/'"),
+    ("serve.vllm_app=serve_llm", r"^serve.vllm_app='serve_llm': serve_llm has no API key check"),
+])
+def test_serve_rules_fail_when_the_config_loads(override, message):
+    from zephyr_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/tiny/serve.yaml", [f"serve.api_key_env={KEY_ENV}", override], ServeRecipe)
+    base = ["serve.autoscaling.enabled=true", "serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"]
+    with pytest.raises(ConfigError, match=r"^serve.autoscaling.min_replicas=3: needs 0 <= min_replicas <= max_replicas"):
+        load_config(ROOT / "configs/tiny/serve.yaml", base, ServeRecipe)
+    # With autoscaling on, num_replicas is ignored, so 0 is no error.
+    load_config(ROOT / "configs/tiny/serve.yaml", [*base[:1], "serve.num_replicas=0"], ServeRecipe)
 
 
 def _job(params: SamplingParams, loop, stream: bool = False):

@@ -1,4 +1,7 @@
-"""``zephyr-ray <stage> --config FILE key=value ...``"""
+"""``zephyr-ray <stage> --config FILE key=value ...``
+
+A stage's module is imported only when its subcommand runs, after its config loaded and its input paths were
+checked: ``--help``, a config error and a path error answer without importing torch or Ray."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from zephyr_ray.config import (
     LeaderboardRecipe,
     PipelineRecipe,
     SelfInstructRecipe,
+    ServeRecipe,
     SFTRecipe,
     load_config,
 )
@@ -110,10 +114,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from zephyr_ray.config import ServeRecipe
-    from zephyr_ray.serve.app import run_server
-
     cfg = _loaded(args, ServeRecipe)
+    from zephyr_ray.serve.app import run_server  # after the config: its errors answer without importing Ray
+
     run_server(cfg, detach=args.detach, ready=lambda msg: print(msg, flush=True))
     return 0
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from zephyr_ray.config import ConfigError, to_dict
+
+T = TypeVar("T")
 
 # Where relative run and output paths go under `ray job submit` (whose working directory is Ray's per-session
 # copy of --working-dir, deleted with the session). Default ~/zephyr-ray; on a cluster, shared storage.
@@ -72,12 +75,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def open_run(cfg: Any) -> Path:
-    """``cfg.run.output_dir``, made absolute in ``cfg`` (Ray workers run in another directory, so a relative
-    path would send their metrics, checkpoints and exported model there; under a Ray job it goes to
-    ``job_base()``), created, with the resolved config written to ``config.json``."""
+def open_run(cfg: T) -> tuple[T, Path]:
+    """``cfg`` with ``run.output_dir`` made absolute (a copy: configs are never changed in place; Ray workers run
+    in another directory, so a relative path would send their metrics, checkpoints and exported model there;
+    under a Ray job it goes to ``job_base()``), and that folder, created, with the resolved config written to
+    ``config.json``."""
     out = output_path(cfg.run.output_dir)
-    cfg.run.output_dir = str(out)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(out)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    return out
+    return cfg, out

@@ -1,4 +1,4 @@
-"""The README's config reference, generated from the typed recipe dataclasses in ``zephyr_ray/config.py``.
+"""The README's config reference, generated from the typed recipe dataclasses in ``zephyr_ray/config/``.
 
 Every recipe in ``RECIPES`` gets a table of its keys (dotted, ``[]`` for a list item) with type, default,
 valid choices and the ``#`` comment written above the field in the source. A dataclass used in more than one
@@ -230,7 +230,7 @@ def render(recipes: dict[str, type] | None = None) -> str:
         return " · ".join(f"[{label}](#{ref})" for label, ref in items)
 
     out = [
-        f"<!-- Generated from zephyr_ray/config.py by `{WRITE_CMD}` (`make docs`); do not edit by hand. -->\n",
+        f"<!-- Generated from zephyr_ray/config/ by `{WRITE_CMD}` (`make docs`); do not edit by hand. -->\n",
         "Every key can be set in the recipe YAML or as a `key=value` override after it. Keys are dotted; `[]` "
         "is every item of a list (in YAML a list of mappings; on the command line `candidates.0.name=x`). "
         "Defaults are JSON (valid YAML); for a linked section the default lists only what differs from that "

@@ -103,10 +103,10 @@ def check_paths(cfg: Any) -> None:
 def user_error(exc: BaseException) -> str | None:
     """The one-line message of a config or input error (a bad row is found inside a Ray task and arrives wrapped
     in Ray's error); None for anything else (a bug keeps its traceback)."""
+    if isinstance(exc, ConfigError):  # before importing data.rows, which imports Ray (its readers)
+        return f"config error: {exc}"
     from zephyr_ray.data.rows import BadRowError, raise_bad_row
 
-    if isinstance(exc, ConfigError):
-        return f"config error: {exc}"
     if isinstance(exc, BadRowError):
         return f"bad input row: {str(exc).splitlines()[0]}"
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr_ray.gguf_import import resolve as resolve_gguf
+from zephyr_ray.synthetic import sample_dialogues
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ def load_model(path: str, *, dtype: Any = None, attn_implementation: str = "sdpa
 
 def _tokenizer_corpus() -> list[str]:
     """Text to train the tiny tokenizer on: the sample dialogues plus every printable ASCII char."""
-    from zephyr_ray.data.samples import sample_dialogues
-
     texts = [m["content"] for d in sample_dialogues(512, seed=0) for m in d["messages"]]
     texts.append("".join(chr(c) for c in range(32, 127)))
     return texts

@@ -27,11 +27,12 @@ from zephyr_ray.config import (
     AIFRecipe,
     ConfigError,
     DPORecipe,
-    EngineConfig,
     EvalRecipe,
     PipelineRecipe,
     ServeRecipe,
     SFTRecipe,
+    chained_aif,
+    chained_eval,
     from_dict,
     to_dict,
 )
@@ -60,18 +61,8 @@ def sft_config(cfg: PipelineRecipe, run_dir: Path) -> SFTRecipe:
     return _placed(cfg.sft, cfg, run_dir, "sft")
 
 
-def sft_engine(template: EngineConfig, sft_model: str, name: str) -> EngineConfig:
-    """A trained model as an engine: ``template``'s backend and resources, the trained weights."""
-    return replace(template, name=name, path=sft_model, revision=None)
-
-
 def aif_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str) -> AIFRecipe:
-    aif = cfg.aif
-    if cfg.pipeline.sft_as_candidate:
-        if any(c.name == "dsft" for c in aif.candidates):
-            raise ConfigError("aif.candidates: the name 'dsft' is taken by the pipeline's dSFT candidate")
-        aif = replace(aif, candidates=[*aif.candidates, sft_engine(aif.candidates[0], sft_model, "dsft")])
-    return _placed(aif, cfg, run_dir, "aif")
+    return _placed(chained_aif(cfg, sft_model), cfg, run_dir, "aif")
 
 
 def dpo_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, pairs: str) -> DPORecipe:
@@ -82,9 +73,7 @@ def dpo_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, pairs: str) -
 
 def eval_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, dpo_model: str) -> EvalRecipe:
     """dSFT and dDPO side by side, on ``eval.models[0]``'s backend and resources."""
-    template = cfg.eval.models[0]
-    models = [sft_engine(template, sft_model, "dsft"), sft_engine(template, dpo_model, "ddpo")]
-    return _placed(replace(cfg.eval, models=models), cfg, run_dir, "eval")
+    return _placed(chained_eval(cfg, sft_model, dpo_model), cfg, run_dir, "eval")
 
 
 def serve_config(cfg: PipelineRecipe, run_dir: Path, dpo_model: str) -> ServeRecipe:
@@ -334,27 +323,6 @@ class PipelineResult:
     summary: dict[str, Any]
 
 
-def check_pipeline(cfg: PipelineRecipe) -> None:
-    """Everything that can be checked before hours of training: stage configs that are wrong however the
-    earlier stages turn out."""
-    from zephyr_ray.eval.run import check_recipe
-
-    if not cfg.aif.candidates and not cfg.pipeline.sft_as_candidate:
-        raise ConfigError("aif.candidates is empty and pipeline.sft_as_candidate is false: nobody answers")
-    if not cfg.eval.models:
-        raise ConfigError("eval.models needs one entry: the template for the dSFT and dDPO engines")
-    if cfg.aif.completions:
-        raise ConfigError("aif.completions (pre-generated completions) cannot include the dSFT model's answers; "
-                          "unset it in the pipeline")
-    from zephyr_ray.generation import check_params
-
-    try:
-        check_params(cfg.aif.sampling)
-        check_recipe(eval_config(cfg, Path(cfg.pipeline.runs_dir), "dsft", "ddpo"))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None = None,
                  echo: Callable[[str], None] = print) -> PipelineResult:
     """Run (or ``resume``) the pipeline; finished stages of a resumed run are not redone."""
@@ -369,7 +337,6 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
     else:
         if cfg is None:
             raise ValueError("run_pipeline needs a config or resume")
-        check_pipeline(cfg)
         run_dir = new_run_dir(cfg.pipeline.runs_dir)
         manifest = Manifest.create(run_dir, cfg)
         echo(f"pipeline run {run_dir}")

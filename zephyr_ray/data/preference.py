@@ -73,9 +73,8 @@ def truncate_pair(ids: dict[str, list[int]], max_length: int, max_prompt_length:
 
 def preference_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig, max_prompt_length: int
                         ) -> tuple[list[dict[str, Any]], DataReport]:
-    """Tokenized pairs plus the tallies of what happened (``cfg.overlong`` applies to the pair)."""
-    if max_prompt_length >= cfg.max_length:
-        raise ValueError(f"max_prompt_length={max_prompt_length} leaves no room in data.max_length={cfg.max_length}")
+    """Tokenized pairs plus the tallies of what happened (``cfg.overlong`` applies to the pair).
+    ``max_prompt_length < cfg.max_length`` is ``DPORecipe.problems``' rule, checked when the config loads."""
     report = DataReport()
     out = []
     for ref, pair in valid_rows(rows, validate_pair, cfg.on_bad_row, report):

@@ -36,7 +36,6 @@ from zephyr_ray.data.schema import BadRowError, RowProblem
 from zephyr_ray.eval import leaderboard as lb
 from zephyr_ray.eval.inputs import read_input_rows
 from zephyr_ray.eval.mt_bench import digest
-from zephyr_ray.eval.run import check_name
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.models import DTYPES, tiny_label
 
@@ -76,35 +75,9 @@ def import_lm_eval() -> Any:
 
 
 def check_recipe(cfg: LeaderboardRecipe) -> None:
-    names = [m.name for m in cfg.models]
-    if not names:
-        raise ValueError("leaderboard needs at least one model in models")
-    if len(set(names)) != len(names):
-        raise ValueError(f"leaderboard models names must be distinct (they label results): {names}")
-    tasks = [t.name for t in cfg.tasks]
-    if not tasks:
-        raise ValueError("leaderboard needs at least one task in tasks")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"leaderboard task names must be distinct: {tasks}")
-    for name in names:
-        check_name(name, "model")
-    for name in tasks:
-        check_name(name, "task")
-    for t in cfg.tasks:
-        if t.num_fewshot < 0:
-            raise ValueError(f"task {t.name}: num_fewshot must be >= 0, got {t.num_fewshot}")
-        if t.fewshot_pool is not None and t.fewshot_pool < t.num_fewshot:
-            raise ValueError(f"task {t.name}: fewshot_pool ({t.fewshot_pool}) is smaller than num_fewshot "
-                             f"({t.num_fewshot})")
-    if cfg.backend == "native":
-        for m in cfg.models:
-            if m.backend != "transformers":
-                raise ValueError(f"model {m.name}: backend native scores with transformers; got backend "
-                                 f"{m.backend!r} (use backend: lm_eval or a transformers engine)")
-    else:
-        for m in cfg.models:
-            if m.backend == "openai":
-                raise ValueError(f"model {m.name}: lm_eval runs a local HF model, not backend openai")
+    """What the loaded config cannot tell: backend lm_eval needs lm-evaluation-harness installed (the rules
+    between fields are ``LeaderboardRecipe.problems``, checked when the config loads)."""
+    if cfg.backend == "lm_eval":
         import_lm_eval()
 
 
@@ -339,7 +312,7 @@ def run_leaderboard(cfg: LeaderboardRecipe) -> LeaderboardResult:
     from zephyr_ray.train.metrics import log_summary_run
 
     check_recipe(cfg)
-    out = open_run(cfg)
+    cfg, out = open_run(cfg)
     started = time.perf_counter()
     tasks = [load_task(t, cfg.seed) for t in cfg.tasks if cfg.backend == "native" or not t.lm_eval_task]
     ensure_ray()

@@ -54,7 +54,6 @@ from zephyr_ray.eval.pairwise import (
     pairwise_stats,
     validate_preference,
 )
-from zephyr_ray.generation import check_params
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.models import tiny_label
 
@@ -82,63 +81,6 @@ class _Timings:
         t = self.phases.setdefault(phase, {"seconds": 0.0, "units": 0})
         t["seconds"] += seconds
         t["units"] += units
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checks before any work
-# ---------------------------------------------------------------------------------------------------
-
-def check_name(name: str, what: str) -> None:
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"{what} name {name!r} is not usable as a folder name")
-
-
-def check_recipe(cfg: EvalRecipe) -> None:
-    names = [m.name for m in cfg.models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"eval.models names must be distinct (they label answers and results): {names}")
-    for name in names:
-        check_name(name, "model")
-    check_name(cfg.judge.engine.name, "judge")
-    if cfg.judge.max_attempts < 1:
-        raise ValueError(f"judge.max_attempts must be >= 1, got {cfg.judge.max_attempts}")
-    check_params(cfg.judge.sampling)
-    a = cfg.alpaca_eval
-    if not cfg.mt_bench.enabled and not a.enabled:
-        raise ValueError("nothing to evaluate: mt_bench.enabled and alpaca_eval.enabled are both false")
-    if cfg.mt_bench.enabled:
-        check_params(cfg.mt_bench.sampling)
-        if not cfg.models:
-            raise ValueError("mt_bench needs at least one model in eval.models")
-        unknown = [c for c in cfg.mt_bench.reference_categories if c not in cfg.mt_bench.categories]
-        if unknown:
-            raise ValueError(f"mt_bench.reference_categories {unknown} are not in mt_bench.categories")
-    if a.enabled:
-        check_params(a.sampling)
-        evaluated = _alpaca_models(cfg)
-        if not evaluated and not a.agreement:
-            raise ValueError("alpaca_eval has nothing to judge: no models (generate with eval.models, or "
-                             "alpaca_eval.output_models) and no alpaca_eval.agreement file")
-        if len(set(evaluated)) != len(evaluated):
-            raise ValueError(f"alpaca_eval model names must be distinct: {evaluated}")
-        if evaluated:
-            if (a.reference_model is None) == (a.reference is None):
-                raise ValueError("alpaca_eval needs exactly one reference: reference_model (outputs read from a "
-                                 "file) or reference (an engine that generates them)")
-            ref = _reference_name(cfg)
-            check_name(ref, "reference")
-            if ref in evaluated:
-                raise ValueError(f"alpaca_eval reference {ref!r} is also an evaluated model")
-
-
-def _alpaca_models(cfg: EvalRecipe) -> list[str]:
-    a = cfg.alpaca_eval
-    return [*(m.name for m in cfg.models if a.generate), *a.output_models]
-
-
-def _reference_name(cfg: EvalRecipe) -> str:
-    a = cfg.alpaca_eval
-    return a.reference_model if a.reference_model is not None else a.reference.name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,7 +268,7 @@ def _alpaca(cfg: EvalRecipe, models: list[EngineConfig], prompt: JudgePrompt, sa
             timings: _Timings) -> _Alpaca:
     a = cfg.alpaca_eval
     res = _Alpaca()
-    evaluated = _alpaca_models(cfg)
+    evaluated = cfg.alpaca_models()
     if evaluated:
         res.source = a.instructions
         inst = collect_instructions(read_input_rows(resolve_path(a.instructions)), a.on_bad_row, a.instructions)
@@ -350,7 +292,7 @@ def _alpaca(cfg: EvalRecipe, models: list[EngineConfig], prompt: JudgePrompt, sa
             rows = _generate(res.items, engine, cfg, out, timings)
             res.outputs[engine.name] = {t: r["completion"].strip() for t, r in rows.items()}
             res.tokens[engine.name] = {t: r["completion_tokens"] for t, r in rows.items()}
-        res.reference = _reference_name(cfg)
+        res.reference = cfg.reference_name()
         ref_outputs = res.outputs[res.reference]
         for name in evaluated:
             res.missing[name] = 0
@@ -408,7 +350,7 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
         ref = al.reference
         models: dict[str, Any] = {}
         annotations = []
-        for name in _alpaca_models(cfg):
+        for name in cfg.alpaca_models():
             pairs, used = [], []
             for it in al.items:
                 key = (name, it["instruction_id"])
@@ -488,8 +430,7 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
     from zephyr_ray.eval.report import markdown_report, radar_chart
     from zephyr_ray.train.metrics import log_summary_run
 
-    check_recipe(cfg)
-    out = open_run(cfg)
+    cfg, out = open_run(cfg)
     prompts_path = resolve_path(cfg.judge.prompts)
     prompts = load_judge_prompts(prompts_path)
     grading = _grading_prompts(prompts, cfg, cfg.judge.prompts) if cfg.mt_bench.enabled else None

@@ -206,7 +206,7 @@ def run_selfinstruct(cfg: SelfInstructRecipe) -> Path:
     from zephyr_ray.generation.pool import resolve_engine, run_pool
     from zephyr_ray.generation.run import load_prompts
 
-    out = open_run(cfg)
+    cfg, out = open_run(cfg)
     ensure_ray()
     template = Path(resolve_path(cfg.next_user_template)).read_text(encoding="utf-8")
     engine = resolve_engine(cfg.teacher, out / "models")

@@ -25,17 +25,10 @@ __all__ = ["Completion", "Conversation", "Engine", "SamplingParams", "ScoringEng
 
 
 def check_params(params: SamplingParams) -> None:
-    """Reject sampling parameters no backend can honour (before any work starts)."""
-    if params.n < 1:
-        raise ValueError(f"sampling.n must be >= 1, got {params.n}")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"sampling.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"sampling.top_p must be in (0, 1], got {params.top_p}")
-    if any(not isinstance(s, str) or not s for s in params.stop):
-        raise ValueError(f"sampling.stop must be non-empty strings, got {params.stop!r}")
+    """Reject sampling parameters no backend can honour (before any work starts); the rules are
+    ``SamplingParams.problems``, which a config's ``sampling`` sections also pass when they load."""
+    for key, problem in params.problems():
+        raise ValueError(f"sampling.{key} {problem}, got {getattr(params, key)!r}")
 
 
 def option_sequences(tokenizer: Any, options: Sequence[str], prefix: str = "", suffix: str = ""
@@ -109,7 +102,7 @@ def make_engine(cfg: EngineConfig, output_dir: str | Path) -> Engine:
 def chat(model: str, prompts: list[str], max_new_tokens: int = 128, precision: str = "fp32") -> list[dict[str, str]]:
     """Greedy single-turn answers of the model at ``model`` (an HF folder, GGUF file or embedded name) to
     ``prompts``, in one batch in this process: ``zephyr-ray chat`` and the pipeline's closing chat."""
-    from zephyr_ray.config import EngineConfig  # config imports generation.types: not at the top
+    from zephyr_ray.config import EngineConfig
 
     engine = make_engine(EngineConfig(name="chat", path=model, precision=precision), Path.cwd())
     outputs = engine.generate([[{"role": "user", "content": p}] for p in prompts],

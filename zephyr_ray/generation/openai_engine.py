@@ -81,10 +81,6 @@ class OpenAIEngine:
     def __init__(self, cfg: EngineConfig, *, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
         import httpx
 
-        if not cfg.path:
-            raise ValueError("engine.path must name the model for the openai backend (e.g. gpt-4-0613)")
-        if cfg.max_concurrency < 1:
-            raise ValueError(f"engine.max_concurrency must be >= 1, got {cfg.max_concurrency}")
         self.cfg = cfg
         self.model = cfg.path
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"

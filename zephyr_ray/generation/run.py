@@ -88,7 +88,7 @@ def generate(prompts: ray.data.Dataset, engine: EngineConfig, params: SamplingPa
 def run_generate(cfg: GenerateRecipe) -> Path:
     from zephyr_ray.cluster import ensure_ray, open_run
 
-    out = open_run(cfg)
+    cfg, out = open_run(cfg)
     ensure_ray()
     table = generate(load_prompts(cfg.prompts), cfg.engine, cfg.sampling, out)
     table = table.sort_by([("prompt_id", "ascending"), ("sample", "ascending")]).drop_columns([KEY])

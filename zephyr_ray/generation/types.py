@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from zephyr_ray.sampling import SamplingParams
+
+__all__ = ["Completion", "Conversation", "Engine", "Message", "SamplingParams", "ScoringEngine"]
 
 Message = dict[str, str]
 Conversation = list[Message]
-
-
-@dataclass
-class SamplingParams:
-    # 0 = greedy decoding.
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    # Generation ends at the first of these strings; the returned text excludes it.
-    stop: list[str] = field(default_factory=list)
-    # Seeds sampling so a rerun of the same prompt with the same params gives the same text.
-    seed: int = 0
-    # Completions per conversation.
-    n: int = 1
 
 
 @dataclass

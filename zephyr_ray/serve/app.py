@@ -294,29 +294,13 @@ def deployment_options(cfg: ServeRecipe) -> dict[str, Any]:
 
 
 def check_config(cfg: ServeRecipe) -> None:
+    """Settings that work but serve badly (a warning), and rules that depend on what is installed here; the rest
+    are ``ServeRecipe.problems``, checked at load."""
     s = cfg.serve
-    if cfg.engine.backend == "openai":
-        raise ConfigError("engine.backend=openai cannot be served (it is a client); use transformers or vllm")
-    if s.max_batch_size < 1 or s.max_n < 1 or s.max_tokens_limit < 1:
-        raise ConfigError("serve.max_batch_size, serve.max_n and serve.max_tokens_limit must be >= 1")
-    if s.max_ongoing_requests < 1:
-        raise ConfigError(f"serve.max_ongoing_requests must be >= 1, got {s.max_ongoing_requests}")
     if s.max_ongoing_requests < s.max_batch_size:
         log.warning("serve.max_ongoing_requests=%d < serve.max_batch_size=%d: batches can never fill",
                     s.max_ongoing_requests, s.max_batch_size)
-    a = s.autoscaling
-    if a.enabled and not 0 <= a.min_replicas <= a.max_replicas:
-        raise ConfigError(f"serve.autoscaling needs 0 <= min_replicas <= max_replicas, got {a.min_replicas}, "
-                          f"{a.max_replicas}")
-    if not a.enabled and s.num_replicas < 1:
-        raise ConfigError(f"serve.num_replicas must be >= 1, got {s.num_replicas}")
-    if not s.route_prefix.startswith("/"):
-        raise ConfigError(f"serve.route_prefix must start with '/', got {s.route_prefix!r}")
-    base = s.model_name or cfg.engine.name
-    if base in s.adapters:
-        raise ConfigError(f"serve.adapters.{base}: an adapter may not have the base model's name "
-                          f"({'serve.model_name' if s.model_name else 'engine.name'}={base!r})")
-    if s.adapters and cfg.engine.backend == "vllm" and not use_serve_llm(cfg):
+    if s.adapters and cfg.engine.backend == "vllm" and not use_serve_llm(cfg):  # depends on what imports here
         raise ConfigError("serve.adapters with engine.backend=vllm need ray.serve.llm's LoRA multiplexing "
                           "(serve.vllm_app=serve_llm, no serve.api_key_env); this ingress serves no adapters on vllm")
 
@@ -335,10 +319,7 @@ def read_api_key(cfg: ServeRecipe) -> str | None:
 def use_serve_llm(cfg: ServeRecipe) -> bool:
     """Whether the vllm backend goes through ray.serve.llm (see ``ServeConfig.vllm_app``)."""
     mode = cfg.serve.vllm_app
-    if mode == "serve_llm":
-        if cfg.serve.api_key_env:
-            raise ConfigError("serve.vllm_app=serve_llm has no API key check; use serve.vllm_app=ingress (or auto) "
-                              "with serve.api_key_env, or put an authenticating gateway in front")
+    if mode == "serve_llm":  # without serve.api_key_env: ServeConfig.problems
         return True
     if mode == "ingress" or cfg.serve.api_key_env:
         return False

@@ -115,7 +115,7 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     from zephyr_ray.train.curves import plot_curves
     from zephyr_ray.train.metrics import read_metrics
 
-    out = open_run(cfg)
+    cfg, out = open_run(cfg)
     log.info("%s run directory: %s", cfg.run.name, out.absolute())
     model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed, cfg.model.tiny_arch)
     template = chat_template_source(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)

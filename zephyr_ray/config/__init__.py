@@ -1,0 +1,73 @@
+"""Typed recipe configs: OmegaConf structured dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Every stage has one root dataclass (``RECIPES``), in its own module; the sections they share are in
+``common``, loading and validation in ``loader``. Everything is re-exported here, so ``from zephyr_ray.config
+import X`` is the one import path. This package sits low in the layers: it imports the standard library,
+``zephyr_ray.sampling`` and ``zephyr_ray.models`` only (omegaconf when a config loads).
+"""
+
+from zephyr_ray.config.aif import AIFRecipe, JudgeConfig
+from zephyr_ray.config.common import (
+    ActorPoolConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    PromptsConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainConfig,
+    TrainingRecipe,
+    WandbConfig,
+    usable_name,
+)
+from zephyr_ray.config.dpo import DPOConfig, DPORecipe, ReferenceConfig
+from zephyr_ray.config.eval import (
+    MT_BENCH_CATEGORIES,
+    MT_BENCH_TEMPERATURES,
+    AlpacaEvalConfig,
+    EvalJudgeConfig,
+    EvalRecipe,
+    MTBenchConfig,
+)
+from zephyr_ray.config.generate import GenerateRecipe
+from zephyr_ray.config.leaderboard import MMLU_DESCRIPTION, LeaderboardRecipe, LeaderboardTaskConfig
+from zephyr_ray.config.loader import (
+    PIPELINE_STAGES,
+    PROJECT_ROOT,
+    ConfigError,
+    choice,
+    from_dict,
+    load_config,
+    resolve_path,
+    to_dict,
+    validate,
+)
+from zephyr_ray.config.pipeline import (
+    PipelineConfig,
+    PipelineRecipe,
+    chained_aif,
+    chained_eval,
+    trained_engine,
+)
+from zephyr_ray.config.selfinstruct import SelfInstructRecipe
+from zephyr_ray.config.serve import AutoscalingConfig, ServeConfig, ServeRecipe
+from zephyr_ray.config.sft import DistillConfig, SFTRecipe
+from zephyr_ray.models import TINY_FAMILY_NAMES
+from zephyr_ray.sampling import SamplingParams
+
+RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe, "generate": GenerateRecipe, "aif": AIFRecipe,
+                            "selfinstruct": SelfInstructRecipe, "eval": EvalRecipe,
+                            "leaderboard": LeaderboardRecipe, "serve": ServeRecipe, "pipeline": PipelineRecipe}
+
+__all__ = [
+    "MMLU_DESCRIPTION", "MT_BENCH_CATEGORIES", "MT_BENCH_TEMPERATURES", "PIPELINE_STAGES", "PROJECT_ROOT", "RECIPES",
+    "TINY_FAMILY_NAMES", "AIFRecipe", "ActorPoolConfig", "AlpacaEvalConfig", "AutoscalingConfig", "ConfigError",
+    "DPOConfig", "DPORecipe", "DataConfig", "DeepSpeedConfig", "DistillConfig", "EngineConfig", "EvalJudgeConfig",
+    "EvalRecipe", "GenerateRecipe", "JudgeConfig", "LeaderboardRecipe", "LeaderboardTaskConfig", "LoRAConfig",
+    "MTBenchConfig", "ModelConfig", "PipelineConfig", "PipelineRecipe", "PromptsConfig", "ReferenceConfig",
+    "RunConfig", "SFTRecipe", "SamplingParams", "ScalingConfig", "SelfInstructRecipe", "ServeConfig", "ServeRecipe",
+    "TrainConfig", "TrainingRecipe", "WandbConfig", "chained_aif", "chained_eval", "choice", "from_dict",
+    "load_config", "resolve_path", "to_dict", "trained_engine", "usable_name", "validate",
+]
