@@ -69,7 +69,7 @@ def test_earliest_of_several_stops_cuts_and_window_covers_the_longest():
     tokens = [1, 2, 5, 6, 7]
     assert first_stop(r, tokens) == 3  # "!" is completed first
     assert r.end(tokens, stopped_at=3) == Ending("Hello", 3, STOP)
-    assert r.window == len("\n\nQ:".encode()) + 8
+    assert r.window == 4 + 8 and rule("é!").window == 3 + 8  # bytes, not characters
     assert rule().window == 8 and not rule().stop_in("anything")
 
 
