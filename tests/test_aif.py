@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zephyr_ray.train.metrics import numeric_leaves
+from zephyr_ray.tracking import numeric_leaves
 
 from .conftest import ROOT, shared_file
 from .wandb_records import read_offline_run

@@ -18,6 +18,7 @@ from zephyr_ray.data.packing import pack_sequences
 from zephyr_ray.data.samples import sample_dialogues
 from zephyr_ray.data.sft import sft_examples, sft_schema
 from zephyr_ray.data.tokenize import IGNORE_INDEX
+from zephyr_ray.tracking import read_metrics
 from zephyr_ray.train.distill import (
     TEACHER_IDS,
     TEACHER_LOGPS,
@@ -33,7 +34,6 @@ from zephyr_ray.train.losses import (
     teacher_topk,
     topk_buckets,
 )
-from zephyr_ray.train.metrics import read_metrics
 from zephyr_ray.train.sft import SFTObjective
 
 from .conftest import ROOT

@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from zephyr_ray.eval.judging import TIE, parse_score, parse_verdict
 from zephyr_ray.generation.types import SamplingParams
-from zephyr_ray.train.metrics import numeric_leaves
+from zephyr_ray.judging import TIE, parse_score, parse_verdict
+from zephyr_ray.tracking import numeric_leaves
 
 from .conftest import ROOT, SHARED, shared_file
 from .wandb_records import read_offline_run
@@ -148,8 +148,8 @@ class ScriptedJudge:
 
 
 def test_unreadable_judgments_are_retried_then_counted():
-    from zephyr_ray.eval.judging import PARSERS, judge_with_retries
     from zephyr_ray.generation.types import SamplingParams
+    from zephyr_ray.judging import PARSERS, judge_with_retries
 
     script = {"q1": ["Rating: [[6]]"], "q2": ["hmm", "Rating: [[9]]"], "q3": ["no idea"], "p1": ["??", "[[B]]"]}
     engine = ScriptedJudge(script)
@@ -291,8 +291,8 @@ def test_question_selection_references_and_turn_two_context(tmp_path):
 
 def test_judge_prompts_sample_roles_and_errors(tmp_path):
     from zephyr_ray.data.schema import BadRowError
-    from zephyr_ray.eval.judging import ROLES, load_judge_prompts, require_prompt
     from zephyr_ray.eval.mt_bench import GradingPrompts, judge_units
+    from zephyr_ray.judging import ROLES, load_judge_prompts, require_prompt
 
     path = str(SAMPLE / "judge_prompts.jsonl")
     prompts = load_judge_prompts(path)
@@ -390,8 +390,8 @@ def test_radar_falls_back_to_bars_under_three_categories(tmp_path):
 
 def test_real_mt_bench_files_load_and_build_judge_prompts():
     from zephyr_ray.config import MT_BENCH_CATEGORIES, MTBenchConfig
-    from zephyr_ray.eval.judging import load_judge_prompts
     from zephyr_ray.eval.mt_bench import load_questions, load_reference_answers, references
+    from zephyr_ray.judging import load_judge_prompts
 
     questions, report = load_questions(MTBenchConfig(questions=str(shared_file("mt_bench", "question.jsonl"))))
     assert len(questions) == 80 and report.used == 80 and not report.skipped

@@ -282,8 +282,8 @@ ONE_WORKER = ["wandb.enabled=false", "scaling.num_workers=1", "train.max_steps=2
 def test_family_runs_the_real_sft_then_dpo_stages(ray_cluster, family_data, family_dir, arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from zephyr_ray.tracking import read_metrics
     from zephyr_ray.train.dpo import run_dpo
-    from zephyr_ray.train.metrics import read_metrics
     from zephyr_ray.train.sft import run_sft
 
     sft_data, pref_data = family_data

@@ -131,7 +131,7 @@ def test_a_cut_off_frozen_pass_part_is_redone_never_loaded(ray_cluster, tmp_path
 
 def test_after_a_restart_wandb_gets_no_step_twice_and_metrics_jsonl_every_step_once(tmp_path):
     from zephyr_ray.config import WandbConfig
-    from zephyr_ray.train.metrics import MetricsLogger, read_metrics
+    from zephyr_ray.tracking import MetricsLogger, read_metrics
 
     from .wandb_records import _parse
 
@@ -214,7 +214,7 @@ def _max_abs_diff(a: Path, b: Path) -> float:
 
 
 def _check_killed_run(clean, killed, killer: KillWhenCheckpointed, total: int, keep: int, every: int) -> dict:
-    from zephyr_ray.train.metrics import read_metrics
+    from zephyr_ray.tracking import read_metrics
 
     assert killer.pid is not None, "the worker was never killed"
     restarts = [json.loads(line) for line in (killed.output_dir / "restarts.jsonl").read_text().splitlines()]
@@ -430,7 +430,7 @@ def test_kill9_of_the_pipeline_driver_mid_dsft_then_resume_runs_the_recipe_to_th
     import sys
 
     from zephyr_ray import pipeline
-    from zephyr_ray.train.metrics import read_metrics
+    from zephyr_ray.tracking import read_metrics
 
     from .test_pipeline import SMALL
 
@@ -601,7 +601,7 @@ def test_a_lost_node_resumes_from_the_newest_complete_checkpoint_once_capacity_r
     import subprocess
     import sys
 
-    from zephyr_ray.train.metrics import read_metrics
+    from zephyr_ray.tracking import read_metrics
 
     proc = subprocess.run([sys.executable, "-m", "tests.lost_node", str(tmp_path), tiny_model], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)

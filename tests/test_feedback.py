@@ -20,16 +20,7 @@ from zephyr_ray.feedback.binarize import (
     group_by_prompt,
     stable_prompt_id,
 )
-from zephyr_ray.feedback.judge import (
-    ASPECTS,
-    combine_judges,
-    expected_rating,
-    judge_conversation,
-    load_templates,
-    parse_rating,
-    score_batch,
-    summarize_judging,
-)
+from zephyr_ray.feedback.judge import combine_judges, score_batch, summarize_judging
 from zephyr_ray.feedback.selfinstruct import (
     EMPTY_ANSWER,
     EMPTY_SEED,
@@ -39,6 +30,7 @@ from zephyr_ray.feedback.selfinstruct import (
     self_instruct,
 )
 from zephyr_ray.generation.types import Completion, SamplingParams
+from zephyr_ray.judging import ASPECTS, expected_rating, judge_conversation, load_templates, parse_rating
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "configs" / "prompts"
@@ -65,7 +57,7 @@ class FakeEngine:
 
 
 class FakeScoringEngine(FakeEngine):
-    def option_probs(self, conversations, options, prefix=""):
+    def option_probs(self, conversations, options, prefix="", suffix=""):
         self.calls.append((len(conversations), (tuple(options), prefix)))
         return [self.probs(conv[-1]["content"]) for conv in conversations]
 

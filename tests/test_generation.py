@@ -17,7 +17,7 @@ import torch
 
 from zephyr_ray.config import ConfigError, EngineConfig, validate
 from zephyr_ray.generation import Completion, SamplingParams, ScoringEngine, make_engine, option_sequences
-from zephyr_ray.generation.hf import HFEngine, _processors
+from zephyr_ray.generation.hf import HFEngine, processor_classes
 from zephyr_ray.generation.openai_engine import EndpointError, OpenAIEngine
 
 # Conversations of clearly different prompt lengths (one and two turns, with and without system prompts).
@@ -209,7 +209,7 @@ def test_greedy_n_copies_and_tiny_top_p_is_greedy(tiny_model, tokenizer, model):
 
 
 def test_seeded_sampler_draws_from_tempered_nucleus():
-    sampler_cls, _ = _processors()
+    sampler_cls, _ = processor_classes()
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log() * 2.0  # temperature 2 brings back `probs`
     draws = 4000

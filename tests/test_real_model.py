@@ -172,8 +172,8 @@ def test_expected_judge_scores_every_answer(smollm2):
     """SmolLM2 as the MT-Bench and pairwise judge in expected mode (the pipeline demo's judge): a rating in
     [1, 10] for every answer, the probability-weighted mean of its distribution over 1..10, and a distribution
     over A / B / tie for every pair; no text, so nothing is unreadable."""
-    from zephyr_ray.eval.judging import PAIRWISE, SINGLE, judge_expected, load_judge_prompts
     from zephyr_ray.generation.hf import HFEngine
+    from zephyr_ray.judging import PAIRWISE, SINGLE, judge_expected, load_judge_prompts
 
     prompts = load_judge_prompts(str(ROOT / "data/sample/mt_bench/judge_prompts.jsonl"))
     question = "What is the capital of France?"

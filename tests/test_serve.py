@@ -448,7 +448,7 @@ def test_batcher_groups_rows_and_survives_a_failed_batch():
 
 
 def test_stop_holdback_helpers():
-    from zephyr_ray.serve.batching import cut_at_stop, stop_hold
+    from zephyr_ray.generation.stopping import cut_at_stop, stop_hold
 
     assert stop_hold("hello wor", ["world"]) == 3
     assert stop_hold("hello", ["xyz"]) == 0

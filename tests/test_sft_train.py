@@ -11,7 +11,7 @@ from zephyr_ray.config import SFTRecipe, load_config
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.samples import sample_dialogues
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
-from zephyr_ray.train.metrics import read_metrics
+from zephyr_ray.tracking import read_metrics
 
 from .conftest import ROOT, shared_file
 from .wandb_records import read_offline_run

@@ -37,6 +37,7 @@ from zephyr_ray.config import (
     to_dict,
 )
 from zephyr_ray.generation import chat
+from zephyr_ray.tracking import read_metrics
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -168,8 +169,6 @@ def new_run_dir(runs_dir: str | Path) -> Path:
 def _last(metrics_file: Path, held_out: tuple[str, ...] = ()) -> dict[str, Any]:
     """The last row of a training stage's metrics, plus the last value of each ``held_out`` key (evaluated
     every few steps only) where the run has one."""
-    from zephyr_ray.train.metrics import read_metrics
-
     rows = read_metrics(metrics_file.parent)
     last = dict(rows[-1]) if rows else {}
     for key in held_out:

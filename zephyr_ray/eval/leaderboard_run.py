@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import EngineConfig, LeaderboardRecipe, LeaderboardTaskConfig, resolve_path, to_dict
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.rows import parse_row, row_ref
@@ -38,6 +38,7 @@ from zephyr_ray.eval.inputs import read_input_rows
 from zephyr_ray.eval.mt_bench import digest
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.models import DTYPES, tiny_label
+from zephyr_ray.tracking import log_summary_run, write_summary
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -308,9 +309,6 @@ def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe, tasks: list[Tas
 # ---------------------------------------------------------------------------------------------------
 
 def run_leaderboard(cfg: LeaderboardRecipe) -> LeaderboardResult:
-    from zephyr_ray.cluster import ensure_ray, open_run
-    from zephyr_ray.train.metrics import log_summary_run
-
     check_recipe(cfg)
     cfg, out = open_run(cfg)
     started = time.perf_counter()
@@ -337,7 +335,7 @@ def run_leaderboard(cfg: LeaderboardRecipe) -> LeaderboardResult:
         results["models"][m.name] = {"tasks": by_task, "average": sum(heads) / len(heads) if heads else None}
         results["timings"][m.name] = time.perf_counter() - t0
     results["wall_s"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    write_summary(out / "results.json", results)
     report = out / "report.md"
     report.write_text(lb.markdown_table(results))
     log.info("leaderboard:\n%s", report.read_text())

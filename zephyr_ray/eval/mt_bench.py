@@ -29,9 +29,9 @@ from zephyr_ray.config import MTBenchConfig, resolve_path
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem
 from zephyr_ray.eval.inputs import read_input_rows
-from zephyr_ray.eval.judging import SINGLE, JudgePrompt
 from zephyr_ray.generation.pool import KEY
 from zephyr_ray.generation.types import Conversation, Engine, SamplingParams
+from zephyr_ray.judging import SINGLE, JudgePrompt
 
 TURNS = 2
 

@@ -32,7 +32,7 @@ from typing import Any
 from zephyr_ray.data.prompts import prompt_id_of
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem
-from zephyr_ray.eval.judging import TIE, Verdict, decided, verdict_probs
+from zephyr_ray.judging import TIE, Verdict, decided, instruction_text, verdict_probs
 
 Outcome = tuple[Verdict, Verdict]  # (with the model shown first, with it shown second)
 
@@ -227,7 +227,6 @@ def validate_preference(row: dict[str, Any]) -> dict[str, Any]:
     annotations (``instruction``, ``output_1``, ``output_2``, ``preference`` in [1, 2]: 1 = output_1 better,
     2 = output_2 better, 1.5 = tie)."""
     from zephyr_ray.data.preference import validate_pair
-    from zephyr_ray.feedback.judge import instruction_text
 
     if "output_1" in row or "output_2" in row:
         text = _text(row)

@@ -27,25 +27,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import EngineConfig, EvalRecipe, resolve_path, to_dict
 from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.eval import mt_bench
 from zephyr_ray.eval.inputs import read_input_rows
-from zephyr_ray.eval.judging import (
-    EXPECTED,
-    EXPECTED_OPTIONS,
-    EXPECTED_PREFIX,
-    EXPECTED_SUFFIX,
-    PAIRWISE,
-    JudgePrompt,
-    decided,
-    judge_label,
-    judge_work,
-    load_judge_prompts,
-    require_prompt,
-    verdict_of,
-)
+from zephyr_ray.eval.judging import judge_label, judge_work, verdict_of
 from zephyr_ray.eval.mt_bench import digest
 from zephyr_ray.eval.pairwise import (
     agreement_stats,
@@ -54,8 +42,21 @@ from zephyr_ray.eval.pairwise import (
     pairwise_stats,
     validate_preference,
 )
+from zephyr_ray.eval.report import markdown_report, radar_chart
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
+from zephyr_ray.judging import (
+    EXPECTED,
+    EXPECTED_OPTIONS,
+    EXPECTED_PREFIX,
+    EXPECTED_SUFFIX,
+    PAIRWISE,
+    JudgePrompt,
+    decided,
+    load_judge_prompts,
+    require_prompt,
+)
 from zephyr_ray.models import tiny_label
+from zephyr_ray.tracking import log_summary_run, write_summary
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -426,10 +427,6 @@ def _judging_totals(judged: list[dict[str, Any]], judge: EngineConfig) -> dict[s
 
 
 def run_eval(cfg: EvalRecipe) -> EvalResult:
-    from zephyr_ray.cluster import ensure_ray, open_run
-    from zephyr_ray.eval.report import markdown_report, radar_chart
-    from zephyr_ray.train.metrics import log_summary_run
-
     cfg, out = open_run(cfg)
     prompts_path = resolve_path(cfg.judge.prompts)
     prompts = load_judge_prompts(prompts_path)
@@ -472,7 +469,7 @@ def run_eval(cfg: EvalRecipe) -> EvalResult:
         chart = radar_chart(results["mt_bench"]["categories"],
                             {n: s["categories"] for n, s in results["mt_bench"]["models"].items()},
                             out / CHART, title=f"MT-Bench by category (judge: {judge.name}, {cfg.judge.mode})")
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    write_summary(out / "results.json", results)
     report = out / "report.md"
     report.write_text(markdown_report(results, CHART if chart else None))
     log.info("evaluation:\n%s", report.read_text())

@@ -8,7 +8,6 @@ The pairs (``pairs.jsonl``, the dDPO input) and ``aif_report.json`` are written 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,11 +15,16 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import AIFRecipe, JudgeConfig, PromptsConfig, resolve_path, to_dict
 from zephyr_ray.data.io import write_jsonl
+from zephyr_ray.feedback.binarize import binarize, group_by_prompt
+from zephyr_ray.feedback.judge import score_batch, summarize_judging
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.generation.run import generate, load_prompts
 from zephyr_ray.generation.types import Engine
+from zephyr_ray.judging import load_templates
+from zephyr_ray.tracking import log_summary_run, write_summary
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -77,8 +81,6 @@ def load_completions(path: str, prompts: PromptsConfig) -> ray.data.Dataset:
 def judge_work(engine: Engine, units: list[dict[str, Any]], *, cfg: JudgeConfig, templates: dict[str, str]
                ) -> list[dict[str, Any]]:
     """Rate each completion on every aspect; the judge sees the whole conversation (``messages``)."""
-    from zephyr_ray.feedback.judge import score_batch
-
     rows = [{**u, "prompt": u["messages"]} for u in units]
     scored = score_batch(engine, rows, templates=templates, mode=cfg.mode, params=cfg.sampling,
                          max_attempts=cfg.max_attempts, judge=cfg.engine.name)
@@ -86,8 +88,6 @@ def judge_work(engine: Engine, units: list[dict[str, Any]], *, cfg: JudgeConfig,
 
 
 def _judge(completions: ray.data.Dataset, judge: JudgeConfig, out: Path) -> pa.Table:
-    from zephyr_ray.feedback.judge import load_templates
-
     engine = resolve_engine(judge.engine, out / "models")
     templates = load_templates(resolve_path(judge.templates), judge.aspects)
     work = partial(judge_work, cfg=judge, templates=templates)
@@ -115,11 +115,6 @@ def _candidates(cfg: AIFRecipe, out: Path, seconds: dict[str, float]) -> ray.dat
 def run_aif(cfg: AIFRecipe) -> AIFResult:
     import ray.data
 
-    from zephyr_ray.cluster import ensure_ray, open_run
-    from zephyr_ray.feedback.binarize import binarize, group_by_prompt
-    from zephyr_ray.feedback.judge import summarize_judging
-    from zephyr_ray.train.metrics import log_summary_run
-
     cfg, out = open_run(cfg)
     ensure_ray()
     seconds: dict[str, float] = {}  # wall time per model step (a resumed step only counts what it redid)
@@ -134,7 +129,7 @@ def run_aif(cfg: AIFRecipe) -> AIFResult:
     pairs.sort(key=lambda p: p["prompt_id"])
     report = {"judging": summarize_judging(rows), "binarize": binarized.to_dict(),
               "completions_per_model": _per_model(rows), "seconds": seconds}
-    (out / "aif_report.json").write_text(json.dumps(report, indent=2))
+    write_summary(out / "aif_report.json", report)
     path = out / "pairs.jsonl"
     write_jsonl(pairs, path)
     log.info("AI feedback:\n%s\njudging: %s\npairs: %s", binarized.summary(), report["judging"], path.absolute())

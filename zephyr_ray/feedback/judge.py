@@ -6,12 +6,14 @@ implements :mod:`zephyr_ray.generation.types`.
 
 Two scoring modes:
 
-- ``generate``: the judge writes ``Rating: N`` and a rationale; :func:`parse_rating` reads the rating.
-  Ratings that cannot be read are retried (one batched call per attempt, new seed, sampling on), and
-  after ``max_attempts`` they are marked: the aspect's rating is ``None`` and the row's
-  ``judge_failures`` counts it. Nothing is dropped silently.
+- ``generate``: the judge writes ``Rating: N`` and a rationale; :func:`~zephyr_ray.judging.parse_rating` reads
+  the rating. Ratings that cannot be read are retried (:func:`~zephyr_ray.judging.judge_with_retries`: one
+  batched call per attempt, new seed, sampling on), and after ``max_attempts`` they are marked: the
+  aspect's rating is ``None`` and the row's ``judge_failures`` counts it. Nothing is dropped silently.
 - ``expected``: for local judges (:class:`~zephyr_ray.generation.types.ScoringEngine`), the rating is
   the expectation of the judge's next-token distribution over ``"1".."5"`` after ``"Rating: "``.
+
+Templates, parsing and the asking itself live in :mod:`zephyr_ray.judging` (shared with evaluation).
 
 Several judges: run :func:`score_batch` once per judge on the same rows; each run appends its
 ``judgements`` entry and the row's ``score`` / ``rating_<aspect>`` become the mean over judges.
@@ -23,200 +25,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import combinations
-from pathlib import Path
 from typing import Any, Literal
 
 from zephyr_ray.generation.types import Conversation, SamplingParams
+from zephyr_ray.judging import (
+    EXPECTED,
+    GENERATE,
+    RATING_PREFIX,
+    RETRY_TEMPERATURE,
+    expected_rating,
+    judge_conversation,
+    judge_with_retries,
+    option_distributions,
+    parse_rating,
+)
 
 log = logging.getLogger(__name__)
-
-ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
-# Judge templates hold these placeholders; anything else in braces is literal text.
-PLACEHOLDERS = ("instruction", "completion")
-RATING_PREFIX = "Rating: "
-# Sampling temperature for retries when the first attempt was greedy (a greedy rerun repeats itself).
-RETRY_TEMPERATURE = 0.7
-
-
-# ---------------------------------------------------------------------------------------------------
-# Templates
-# ---------------------------------------------------------------------------------------------------
-
-def fill(template: str, **values: str) -> str:
-    """Replace ``{name}`` placeholders in one pass: text inserted for one placeholder is never
-    scanned for another (a completion that contains ``{instruction}`` stays as written), and other
-    braces are left alone."""
-    return re.sub(r"\{(" + "|".join(map(re.escape, values)) + r")\}", lambda m: values[m.group(1)], template)
-
-
-def load_templates(directory: str | Path, aspects: Sequence[str] = ASPECTS) -> dict[str, str]:
-    """``{aspect: template}`` from ``<directory>/<aspect>.txt``; each must contain every placeholder."""
-    directory = Path(directory)
-    templates = {}
-    for aspect in aspects:
-        path = directory / f"{aspect}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"no judge template for aspect {aspect!r}: {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        missing = [p for p in PLACEHOLDERS if "{" + p + "}" not in text]
-        if missing:
-            raise ValueError(f"{path}: missing placeholder(s) {', '.join('{' + p + '}' for p in missing)}")
-        templates[aspect] = text
-    return templates
-
-
-def instruction_text(prompt: Any) -> str:
-    """The instruction shown to the judge: the prompt string, or a message list as a transcript
-    (a single user turn is shown as its bare text)."""
-    if isinstance(prompt, str):
-        return prompt
-    messages = list(prompt)
-    if len(messages) == 1 and messages[0].get("role") == "user":
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
-def judge_conversation(template: str, prompt: Any, completion: str) -> Conversation:
-    """The chat the judge sees: one user turn, the template filled with instruction and completion."""
-    return [{"role": "user", "content": fill(template, instruction=instruction_text(prompt), completion=completion)}]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Rating parser
-# ---------------------------------------------------------------------------------------------------
-
-_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-          "nine": 9, "ten": 10}
-# Words allowed between a rating keyword and its number ("I'd rate this response a 4", "Rating for
-# honesty: 5", "the score would be 3"). Any other word breaks the link, which keeps stray numbers in
-# prose from being read as ratings.
-_FILLER_WORDS = (
-    r"i['’]d|it['’]s|is|of|would|will|should|must|be|i|id|give|it|this|that|the|response|text|answer|output|"
-    r"completion|a|an|as|at|final|overall|my|for|to|here|its|gets?|deserves?|earns?|receives?|solid|and|in|on|"
-    r"terms|aspect|instruction|following|honesty|truthfulness|helpfulness|rating|score|one"
-)
-_GAP_TOKEN = r"(?:[\s*_:#=\-–—>\[\](){}\"'`|~,]|\b(?:" + _FILLER_WORDS + r")\b)"
-_NUMBER = (
-    r"(?P<neg>-)?(?P<num>\d+(?:\.\d+)?)"
-    r"|(?P<word>" + "|".join(_WORDS) + r")\b(?=\s*(?:$|[.!,;:)\]*_/]|out\s+of\b|stars?\b|points?\b))"
-    r"|(?P<na>n/?a\b|none\b|not\s+applicable\b|unrat(?:ed|able)\b)"
-)
-_AFTER_KEYWORD = re.compile(rf"(?P<gap>{_GAP_TOKEN}*?)(?:{_NUMBER})", re.I)
-_KEYWORD = re.compile(r"\b(?:(?P<noun>ratings?|scores?|grades?)|rate|rated|scored|graded)\b", re.I)
-_LINE_PREFIX = re.compile(rf"{_GAP_TOKEN}*", re.I)
-# A negation up to three words before the keyword, in the same clause: "I would not rate this a 5",
-# "I wouldn't give it a rating of 5"; "It is not wrong; I rate it 4" is not negated.
-_NEGATED = re.compile(r"(?:\bnot|n['’]t|\bnever|\bcannot)(?:\s+\w+){0,3}\s+$", re.I)
-_SCALE = re.compile(
-    r"(?:\bon\s+a\s+(?:\d+\s*-?\s*point\s+)?scale\s+(?:of|from)\s+|\bfrom\s+)?"
-    r"(?:(?P<open>[(\[])\s*)?(?P<lo>\d+)\s*(?:-|–|to)\s*(?P<hi>\d+)(?:\s*(?P<close>[)\]]))?", re.I)
-_DENOMINATOR = re.compile(r"\s*(?:/|out\s+of\b)\s*(?P<den>\d+(?:\.\d+)?)", re.I)
-_RANGE_AFTER = re.compile(r"\s*(?:-|–|to\b|or\b)\s*\d", re.I)
-_FRACTION = re.compile(
-    r"(?<![\w.])(?P<num>\d+(?:\.\d+)?)\s*(?:/|out\s+of\b)\s*(?P<den>\d+(?:\.\d+)?)(?!\w|\.\d)"
-    r"(?=\s*(?:$|[.!,;:)\]*_\n]|stars?\b|points?\b))", re.I)
-_BARE = re.compile(r"[*#\[(\s]*(?P<num>\d+(?:\.\d+)?)")
-_BARE_END = re.compile(r"[-–—:]\s")
-
-_INVALID = object()  # a rating-shaped answer that is not a usable rating (N/A, out of range, a range...)
-
-
-def _strip_scales(text: str, low: int, high: int) -> str:
-    """Blank out scale descriptions such as ``(1-5)``, ``on a scale of 1 to 5``, so that their numbers
-    are not read as ratings. Only the judge's own scale is removed; ``Rating: 4-5`` stays a range."""
-    def blank(m: re.Match) -> str:
-        described = m.group(0).lower().startswith(("on", "from")) or (m.group("open") and m.group("close"))
-        if described and int(m.group("lo")) == low and int(m.group("hi")) == high:
-            return " " * len(m.group(0))
-        return m.group(0)
-    return _SCALE.sub(blank, text)
-
-
-def _value(num: str, den: str | None, low: int, high: int) -> Any:
-    value = float(num)
-    if den is not None and float(den) != high:
-        return _INVALID  # "8/10": another scale; not rescaled
-    return value if low <= value <= high else _INVALID
-
-
-def _keyword_candidates(text: str, low: int, high: int) -> list[tuple[bool, Any]]:
-    """``(at_line_start, value)`` for each rating keyword linked to a number (or to N/A)."""
-    out = []
-    for kw in _KEYWORD.finditer(text):
-        if _NEGATED.search(text, max(0, kw.start() - 40), kw.start()):
-            continue  # "I would not rate this a 5"
-        m = _AFTER_KEYWORD.match(text, kw.end())
-        if m is None or len(m.group("gap")) > 60:
-            continue
-        line_start = text.rfind("\n", 0, kw.start()) + 1
-        heading = bool(kw.group("noun")) and _LINE_PREFIX.fullmatch(text, line_start, kw.start()) is not None
-        if m.group("na"):
-            out.append((heading, _INVALID))
-            continue
-        if m.group("word"):
-            out.append((heading, _value(str(_WORDS[m.group("word").lower()]), None, low, high)))
-            continue
-        rest = text[m.end():]
-        if rest[:1].isalnum() or rest[:1] == "%":
-            continue  # "the error rate is 5%", "rated 4th": not a rating
-        if m.group("neg") or _RANGE_AFTER.match(rest):
-            out.append((heading, _INVALID))  # "-1", "4-5", "3 or 4"
-            continue
-        den = _DENOMINATOR.match(rest)
-        out.append((heading, _value(m.group("num"), den.group("den") if den else None, low, high)))
-    return out
-
-
-def _decide(values: list[Any]) -> float | None:
-    distinct = set(values)
-    if len(distinct) == 1 and _INVALID not in distinct:
-        return float(distinct.pop())
-    return None
-
-
-def parse_rating(text: str | None, low: int = 1, high: int = 5) -> float | None:
-    """The rating a judge gave in free text, or ``None`` when there is none or it is ambiguous.
-
-    Evidence is read in order of strength, and the first kind found decides:
-
-    1. a line that starts with a rating keyword: ``Rating: 4``, ``**Rating**: 4/5``, ``Score - 5``,
-       ``Final rating (1-5): [[3]]``;
-    2. a rating keyword anywhere, linked to a number by filler words only: ``I'd rate this a 3 out of
-       5``, ``it gets a rating of 4.5``; a negated one (``I would not rate it a 5``) is ignored;
-    3. a fraction on the judge's scale: ``4/5``, ``4 out of 5 stars`` (``3 out of 5 steps`` is prose);
-    4. a first line that is only a number (``4``, ``4/5``, ``4 - good``).
-
-    Within that kind, every candidate must agree: two different ratings, a rating outside
-    ``[low, high]``, a fraction on another scale (``8/10``), a range (``4-5``), a negative number or
-    ``N/A`` give ``None``. Decimals are kept (``4.5``). Scale descriptions such as ``(1-5)`` or
-    ``on a scale of 1 to 5`` are not ratings.
-    """
-    if not isinstance(text, str) or not text.strip():
-        return None
-    text = _strip_scales(text, low, high)
-    keyword = _keyword_candidates(text, low, high)
-    for level in ([v for heading, v in keyword if heading], [v for _, v in keyword]):
-        if level:
-            return _decide(level)
-    fractions = [_value(m.group("num"), m.group("den"), low, high) for m in _FRACTION.finditer(text)]
-    if fractions:
-        return _decide(fractions)
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    m = _BARE.match(first)
-    if m:
-        rest = first[m.end():].lstrip(" \t*])")
-        den = _DENOMINATOR.match(rest)
-        if den:
-            rest = rest[den.end():]
-        rest = rest.lstrip(" \t*]).")
-        if not rest or _BARE_END.match(rest):  # "4", "**4/5**", "4 - solid answer"
-            return _decide([_value(m.group("num"), den.group("den") if den else None, low, high)])
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,58 +61,21 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def expected_rating(probs: Sequence[float], low: int = 1, high: int = 5) -> float | None:
-    """``sum(p_k * k)`` over ratings ``low..high`` (renormalised); ``None`` for a degenerate vector."""
-    if len(probs) != high - low + 1:
-        raise ValueError(f"expected {high - low + 1} probabilities for ratings {low}..{high}, got {len(probs)}")
-    total = float(sum(probs))
-    if not math.isfinite(total) or total <= 0 or any(p < 0 for p in probs):
-        return None
-    return sum(float(p) * k for p, k in zip(probs, range(low, high + 1))) / total
-
-
-def _generate_ratings(engine: Any, conversations: list[Conversation], params: SamplingParams,
-                      max_attempts: int, retry_temperature: float, low: int, high: int
-                      ) -> tuple[list[float | None], list[int]]:
-    """Ratings per conversation and the number of extra attempts each one took."""
-    ratings: list[float | None] = [None] * len(conversations)
-    retries = [0] * len(conversations)
-    todo = list(range(len(conversations)))
-    last_text: dict[int, str] = {}
-    for attempt in range(max_attempts):
-        if not todo:
-            break
-        p = params
-        if attempt:
-            p = dataclasses.replace(params, seed=params.seed + attempt,
-                                    temperature=params.temperature if params.temperature > 0 else retry_temperature)
-            for i in todo:
-                retries[i] += 1
-        outputs = engine.generate([conversations[i] for i in todo], p)
-        if len(outputs) != len(todo):
-            raise RuntimeError(f"judge engine returned {len(outputs)} results for {len(todo)} conversations")
-        still = []
-        for i, out in zip(todo, outputs):
-            text = out[0].text if out else ""
-            ratings[i] = parse_rating(text, low, high)
-            if ratings[i] is None:
-                still.append(i)
-                last_text[i] = text
-        todo = still
-    if todo:
+def _generate_ratings(engine: Any, conversations: list[Conversation], params: SamplingParams, max_attempts: int,
+                      retry_temperature: float, low: int, high: int) -> tuple[list[float | None], list[int]]:
+    """Ratings per conversation (the shared retry loop) and the number of extra attempts each one took."""
+    judged = judge_with_retries(engine, conversations, [partial(parse_rating, low=low, high=high)] * len(conversations),
+                                params, max_attempts, retry_temperature)
+    failed = [j for j in judged if j.value is None]
+    if failed:
         log.warning("judge: %d of %d ratings unreadable after %d attempts (marked as missing); e.g. %r",
-                    len(todo), len(conversations), max_attempts, last_text[todo[0]][:200])
-    return ratings, retries
+                    len(failed), len(conversations), max_attempts, failed[0].text[:200])
+    return [j.value for j in judged], [j.attempts - 1 for j in judged]
 
 
 def _expected_ratings(engine: Any, conversations: list[Conversation], low: int, high: int) -> list[float | None]:
-    if not callable(getattr(engine, "option_probs", None)):
-        raise TypeError(f"mode='expected' needs a local judge with option_probs (a ScoringEngine); "
-                        f"{type(engine).__name__} has none; use mode='generate'")
     options = [str(k) for k in range(low, high + 1)]
-    probs = engine.option_probs(conversations, options, prefix=RATING_PREFIX)
-    if len(probs) != len(conversations):
-        raise RuntimeError(f"judge engine returned {len(probs)} results for {len(conversations)} conversations")
+    probs = option_distributions(engine, conversations, options, prefix=RATING_PREFIX)
     return [expected_rating(p, low, high) for p in probs]
 
 
@@ -307,7 +99,7 @@ def score_batch(engine: Any, rows: Sequence[dict[str, Any]], *, templates: dict[
     ``judge`` names this judge (default: the engine's class name); a row already judged by a judge
     of the same name is an error.
     """
-    if mode not in ("generate", "expected"):
+    if mode not in (GENERATE, EXPECTED):
         raise ValueError(f"mode must be 'generate' or 'expected', got {mode!r}")
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -322,7 +114,7 @@ def score_batch(engine: Any, rows: Sequence[dict[str, Any]], *, templates: dict[
                 raise ValueError(f"row {index} has no {key!r} field (fields: {sorted(row)})")
         for aspect in aspects:
             conversations.append(judge_conversation(templates[aspect], row["prompt"], str(row["completion"])))
-    if mode == "generate":
+    if mode == GENERATE:
         params = dataclasses.replace(params or SamplingParams(), n=1)
         ratings, retries = _generate_ratings(engine, conversations, params, max_attempts, retry_temperature,
                                              low, high)

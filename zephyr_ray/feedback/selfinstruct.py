@@ -21,9 +21,9 @@ from typing import Any
 from zephyr_ray.config import SelfInstructRecipe
 from zephyr_ray.data.schema import RowProblem, validate_messages
 from zephyr_ray.feedback.binarize import stable_prompt_id
-from zephyr_ray.feedback.judge import fill
 from zephyr_ray.generation.pool import KEY
 from zephyr_ray.generation.types import Conversation, SamplingParams
+from zephyr_ray.judging import fill
 
 # Why a dialogue ended before ``turns`` exchanges, or was dropped (keys of the report's counters).
 EMPTY_SEED = "empty or malformed seed prompt"

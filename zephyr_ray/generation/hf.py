@@ -13,7 +13,9 @@ How a call runs:
 
 Token accounting: ``prompt_tokens`` is the prompt after truncation (no padding); ``completion_tokens``
 counts the generated tokens up to and including the EOS, or the token that completed a stop string, and
-never the padding behind them. ``finish_reason`` is ``stop`` (EOS or stop string) or ``length``.
+never the padding behind them. ``finish_reason`` is ``stop`` (EOS or stop string) or ``length``. The rule is
+:mod:`zephyr_ray.generation.stopping`, shared with the serving batcher through :meth:`HFEngine.stop_rule`
+(which also uses :meth:`HFEngine.left_pad`, :meth:`HFEngine.generation_config` and :func:`processor_classes`).
 
 Sampling (``temperature > 0``) does not use the global RNG: each row draws from its own
 ``torch.Generator``, seeded from (``params.seed``, sample index, prompt token ids), inside a logits
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.generation import check_params, option_sequences
 from zephyr_ray.generation.adapters import BASE, load_adapters
+from zephyr_ray.generation.stopping import StopRule
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 
 if TYPE_CHECKING:
@@ -77,8 +80,9 @@ def row_seed(seed: int, sample: int, prompt_ids: list[int]) -> int:
 
 
 @functools.cache
-def _processors():
-    """Logits processor and stopping criterion classes (transformers imported on first use only)."""
+def processor_classes() -> tuple[type, type]:
+    """``(SeededSampler, StopStrings)``: the logits processor and stopping criterion classes of ``generate``
+    (transformers imported on first use only); the serving batcher applies the same sampler per row group."""
     import torch
     from transformers import LogitsProcessor, StoppingCriteria
 
@@ -110,13 +114,11 @@ def _processors():
             return out.scatter_(-1, token, 0.0)
 
     class StopStrings(StoppingCriteria):
-        """Stops a row when the text of its latest tokens contains a stop string; records how many tokens
-        it had generated then (the one that completed the string included)."""
+        """Stops a row when the text of its latest tokens (``rule.window`` of them) contains a stop string;
+        records how many tokens it had generated then (the one that completed the string included)."""
 
-        def __init__(self, tokenizer: Any, stops: list[str], prompt_len: int, eos_ids: set[int], rows: int):
-            self.tokenizer, self.stops, self.prompt_len, self.eos_ids = tokenizer, stops, prompt_len, eos_ids
-            # A new match ends in the newest token and every token is >= 1 byte: this many tokens cover it.
-            self.window = max(len(s.encode("utf-8")) for s in stops) + 8
+        def __init__(self, tokenizer: Any, rule: StopRule, prompt_len: int, rows: int):
+            self.tokenizer, self.rule, self.prompt_len = tokenizer, rule, prompt_len
             self.done = [False] * rows
             self.stopped_at: list[int | None] = [None] * rows
 
@@ -127,16 +129,16 @@ def _processors():
             for r, token in enumerate(last):
                 if self.done[r]:
                     continue
-                if token in self.eos_ids:
+                if self.rule.is_eos(token):
                     self.done[r] = True
                 else:
                     live.append(r)
             hit = [False] * len(last)
             if live:
-                start = max(self.prompt_len, input_ids.shape[1] - self.window)
+                start = max(self.prompt_len, input_ids.shape[1] - self.rule.window)
                 tails = self.tokenizer.batch_decode(input_ids[live, start:].tolist(), skip_special_tokens=True)
                 for r, text in zip(live, tails):
-                    if any(s in text for s in self.stops):
+                    if self.rule.stop_in(text):
                         self.done[r], self.stopped_at[r], hit[r] = True, generated, True
             return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
 
@@ -222,7 +224,8 @@ class HFEngine:
         limit = self.cfg.max_prompt_length
         return [(list(ids) + (suffix or []))[-limit:] for ids in rendered]
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of token rows, left-padded with the pad id, on the model's device."""
         import torch
 
         width = max(len(r) for r in rows)
@@ -240,6 +243,18 @@ class HFEngine:
         return [order[s:s + size] for s in range(0, len(order), size)]
 
     # ---------------------------------------------------------------- generate
+
+    def stop_rule(self, stops: list[str]) -> StopRule:
+        """How a sequence of this engine ends with these stop strings (EOS ids, text, token count, reason)."""
+        return StopRule(self.eos_ids, stops, functools.partial(self.tokenizer.decode, skip_special_tokens=True))
+
+    def generation_config(self, max_new_tokens: int) -> Any:
+        """The ``GenerationConfig`` of every decode: greedy argmax (sampling is a logits processor), KV cache,
+        the engine's EOS ids and pad id."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
 
     def generate(self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None
                  ) -> list[list[Completion]]:
@@ -263,44 +278,31 @@ class HFEngine:
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
                         adapter: str | None = None) -> list[Completion]:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        sampler_cls, stop_cls = _processors()
-        ids, mask = self._left_pad(prompts)
+        sampler_cls, stop_cls = processor_classes()
+        ids, mask = self.left_pad(prompts)
         width = ids.shape[1]
         processors = LogitsProcessorList()
         if params.temperature > 0:
             processors.append(sampler_cls(seeds, params.temperature, params.top_p))
+        rule = self.stop_rule(list(params.stop))
         criteria = StoppingCriteriaList()
         stopper = None
         if params.stop:
-            stopper = stop_cls(self.tokenizer, list(params.stop), width, set(self.eos_ids), len(prompts))
+            stopper = stop_cls(self.tokenizer, rule, width, len(prompts))
             criteria.append(stopper)
-        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=self.generation_config(params.max_new_tokens),
                                       logits_processor=processors, stopping_criteria=criteria,
                                       **self.adapter_selection([adapter] * len(prompts)))
         generated = out[:, width:].tolist()
-        eos = set(self.eos_ids)
         completions = []
         for r, tokens in enumerate(generated):
-            stop_at = stopper.stopped_at[r] if stopper is not None else None
-            eos_at = next((k for k, t in enumerate(tokens) if t in eos), None)
-            if eos_at is not None and (stop_at is None or eos_at < stop_at):
-                count, reason = eos_at + 1, "stop"
-            elif stop_at is not None:
-                count, reason = stop_at, "stop"
-            else:
-                count, reason = len(tokens), "length"
-            # The EOS itself is counted but never part of the text (even when it is not a special token).
-            text = self.tokenizer.decode(tokens[:count - 1 if eos_at == count - 1 else count], skip_special_tokens=True)
-            cuts = [k for k in (text.find(s) for s in params.stop) if k >= 0]
-            if cuts:
-                text, reason = text[:min(cuts)], "stop"
-            completions.append(Completion(text=text, prompt_tokens=len(prompts[r]), completion_tokens=count,
-                                          finish_reason=reason))
+            end = rule.end(tokens, stopper.stopped_at[r] if stopper is not None else None)
+            completions.append(Completion(text=end.text, prompt_tokens=len(prompts[r]),
+                                          completion_tokens=end.completion_tokens, finish_reason=end.finish_reason))
         s = self.stats
         s.batches += 1
         s.rows += len(prompts)
@@ -330,7 +332,7 @@ class HFEngine:
         continued = [(k, seq) for k, seq in enumerate(seqs) if len(seq) > 1]
         out: list[list[float]] = [[] for _ in prompts]
         for batch in self._buckets([len(p) for p in prompts]):
-            ids, mask = self._left_pad([prompts[i] for i in batch])
+            ids, mask = self.left_pad([prompts[i] for i in batch])
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,

@@ -14,7 +14,8 @@
   top-p (the engine's seeded sampler, applied per (temperature, top-p) group of rows), seed, ``max_tokens`` and
   stop strings (a per-row stopping criterion). Rows with different params therefore share a batch. The same
   criterion sees every new token of every row and streams the row's new text right away (real token-by-token
-  SSE). A row's tokens, text, ``completion_tokens`` and ``finish_reason`` follow ``HFEngine``'s rules, and its
+  SSE). A row's tokens, text, ``completion_tokens`` and ``finish_reason`` follow ``HFEngine``'s rule (the one
+  :mod:`zephyr_ray.generation.stopping` rule, from ``HFEngine.stop_rule``; only public engine API is used), and its
   sampling seed is ``row_seed(seed, sample, prompt ids)`` as in the engine, so a request gets the same
   completion as ``HFEngine.generate`` on its conversation with the same params and adapter (greedy: token-exact
   in any batch; sampled: up to float rounding across batch shapes, see ``generation/hf.py``). Rows of different
@@ -45,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
+from zephyr_ray.generation.hf import HFEngine, processor_classes, row_seed
+from zephyr_ray.generation.stopping import LENGTH, STOP, StopRule
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -236,23 +239,6 @@ class Batcher:
 # ------------------------------------------------------------------------------------------------ text
 
 
-def stop_hold(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could be the start of a stop string."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
-def cut_at_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop string in ``text`` (None when there is none)."""
-    cuts = [k for k in (text.find(s) for s in stops) if k >= 0]
-    return min(cuts) if cuts else None
-
-
 @dataclass(eq=False)
 class Row:
     """One decoded sequence of a batch: a request's sample ``sample`` (reported as ``indices``)."""
@@ -280,16 +266,21 @@ class Row:
 class HFStreamingBackend:
     """Runs a batch of jobs as one ``model.generate`` call on an ``HFEngine``'s model (see the module doc)."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: HFEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.eos = set(engine.eos_ids)
+        self._rules: dict[tuple[str, ...], StopRule] = {}
+
+    def rule(self, stops: list[str]) -> StopRule:
+        """The engine's ending rule for these stop strings (one per distinct list)."""
+        key = tuple(stops)
+        if key not in self._rules:
+            self._rules[key] = self.engine.stop_rule(list(stops))
+        return self._rules[key]
 
     def __call__(self, jobs: list[Job]) -> None:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-        from zephyr_ray.generation.hf import row_seed
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         rows: list[Row] = []
         for job in jobs:
@@ -299,14 +290,13 @@ class HFStreamingBackend:
             else:
                 rows.append(Row(job, 0, list(range(p.n)), row_seed(p.seed, 0, job.prompt_ids)))
         engine = self.engine
-        ids, mask = engine._left_pad([r.job.prompt_ids for r in rows])
+        ids, mask = engine.left_pad([r.job.prompt_ids for r in rows])
         width = ids.shape[1]
         processors = LogitsProcessorList()
         if any(r.params.temperature > 0 for r in rows):
             processors.append(_row_sampler_cls()(rows))
         tracker = _tracker_cls()(self, rows, width)
-        config = GenerationConfig(max_new_tokens=max(r.params.max_new_tokens for r in rows), do_sample=False,
-                                  num_beams=1, use_cache=True, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+        config = engine.generation_config(max(r.params.max_new_tokens for r in rows))
         with torch.inference_mode():  # rows of different LoRA adapters share the batch (peft's mixed batch)
             engine.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                   logits_processor=processors, stopping_criteria=StoppingCriteriaList([tracker]),
@@ -314,7 +304,7 @@ class HFStreamingBackend:
         out: list[tuple[Job, tuple]] = []
         for row in rows:  # generate ended (every row is normally finished by the tracker already)
             if not row.done:
-                self.finish(row, "length", out)
+                self.finish(row, LENGTH, out)
         post(out)
 
     def step(self, row: Row, token: int, out: list[tuple[Job, tuple]]) -> bool:
@@ -323,11 +313,12 @@ class HFStreamingBackend:
         if row.job.cancelled:
             row.done = True
             return True
+        rule = self.rule(p.stop)
         row.tokens.append(token)
-        if token in self.eos:
-            self.finish(row, "stop", out)
+        if rule.is_eos(token):
+            self.finish(row, STOP, out)
         elif len(row.tokens) >= p.max_new_tokens:
-            self.finish(row, "length", out)
+            self.finish(row, LENGTH, out)
         elif row.job.stream or p.stop:
             # Decode only the newest tokens: the text of tokens[prefix_offset:] minus that of
             # tokens[prefix_offset:read_offset] (a few tokens of context keep word boundaries right).
@@ -335,36 +326,32 @@ class HFStreamingBackend:
             before = decode(row.tokens[row.prefix_offset:row.read_offset], skip_special_tokens=True)
             after = decode(row.tokens[row.prefix_offset:], skip_special_tokens=True)
             new = after[len(before):] if len(after) > len(before) and after.startswith(before) else ""
-            if p.stop and cut_at_stop(row.text + new, p.stop) is not None:
-                self.finish(row, "stop", out)
+            if rule.stop_in(row.text + new):
+                self.finish(row, STOP, out)
             elif new and not new.endswith("\ufffd"):  # else wait: an incomplete UTF-8 character
                 row.text += new
                 row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
                 if row.job.stream:
-                    safe = row.text[:len(row.text) - stop_hold(row.text, p.stop)] if p.stop else row.text
+                    safe = row.text[:len(row.text) - rule.hold(row.text)]
                     if len(safe) > len(row.emitted):
                         out += [(row.job, ("delta", i, safe[len(row.emitted):])) for i in row.indices]
                         row.emitted = safe
         return row.done
 
     def finish(self, row: Row, reason: str, out: list[tuple[Job, tuple]]) -> None:
-        """``HFEngine``'s accounting: the EOS is counted but not decoded; text cut at the first stop string."""
+        """End the row by the engine's rule: ``reason`` ``stop`` when its last token was an EOS or completed a
+        stop string, ``length`` when it reached its limit (or the batch ended)."""
         row.done = True
-        tokens = row.tokens
-        count = len(tokens)
-        text = self.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in self.eos else tokens,
-                                     skip_special_tokens=True)
-        cut = cut_at_stop(text, row.params.stop) if row.params.stop else None
-        if cut is not None:
-            text, reason = text[:cut], "stop"
+        end = self.rule(row.params.stop).end(row.tokens, len(row.tokens) if reason == STOP else None)
+        text = end.text
         if row.job.stream and len(text) > len(row.emitted):
             if text.startswith(row.emitted):
                 out += [(row.job, ("delta", i, text[len(row.emitted):])) for i in row.indices]
             else:  # a tokenizer whose decoding is not prefix-stable; the stream cannot take text back
                 log.warning("streamed text is not a prefix of the final text (request %s)", id(row.job))
         row.emitted = text
-        completion = Completion(text=text, prompt_tokens=len(row.job.prompt_ids), completion_tokens=count,
-                                finish_reason=reason)
+        completion = Completion(text=text, prompt_tokens=len(row.job.prompt_ids),
+                                completion_tokens=end.completion_tokens, finish_reason=end.finish_reason)
         out += [(row.job, ("finish", i, completion)) for i in row.indices]
 
 
@@ -379,9 +366,7 @@ def _row_sampler_cls() -> type:
             import torch
             from transformers import LogitsProcessor
 
-            from zephyr_ray.generation.hf import _processors
-
-            seeded = _processors()[0]
+            seeded = processor_classes()[0]
 
             class RowSampler(LogitsProcessor):
                 def __init__(self, rows: list[Row]):

@@ -112,8 +112,8 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     from zephyr_ray.data.pipeline import plan, stage_dataset
     from zephyr_ray.data.readers import read_rows
     from zephyr_ray.models import chat_template_source, resolve_model_path
+    from zephyr_ray.tracking import read_metrics
     from zephyr_ray.train.curves import plot_curves
-    from zephyr_ray.train.metrics import read_metrics
 
     cfg, out = open_run(cfg)
     log.info("%s run directory: %s", cfg.run.name, out.absolute())

@@ -340,8 +340,8 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     from zephyr_ray.attention import trains_one_row
     from zephyr_ray.config import from_dict
     from zephyr_ray.models import load_tokenizer
+    from zephyr_ray.tracking import MetricsLogger
     from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
-    from zephyr_ray.train.metrics import MetricsLogger
 
     cfg = from_dict(config["recipe"], schema)
     model_path = config["model_path"]
