@@ -98,12 +98,28 @@ def _loss(z: np.ndarray, y: np.ndarray, w: np.ndarray, lam: np.ndarray) -> float
     return float(nll.sum() + 0.5 * (lam * w * w).sum())
 
 
-def _solve(hess: np.ndarray, grad: np.ndarray, dense: int) -> np.ndarray:
-    """``hess^-1 grad`` where the columns from ``dense`` on meet no other column of their kind in any row (one
-    difficulty per pair), so that block of the Hessian is diagonal: a Schur complement on the leading block."""
-    if dense >= hess.shape[0]:
-        return np.linalg.solve(hess, grad)
-    a, b, d = hess[:dense, :dense], hess[:dense, dense:], np.diag(hess)[dense:]
+def _newton_step(cols: np.ndarray, vals: np.ndarray, s: np.ndarray, lam: np.ndarray, grad: np.ndarray,
+                 dense: int) -> np.ndarray:
+    """``H^-1 grad`` for H = X^T diag(s) X + diag(lam), X given sparsely. Columns from ``dense`` on (one
+    difficulty per instruction) meet no other such column in any row, so their block of H is diagonal: only the
+    leading block is factorised (a Schur complement), never the full instructions-by-instructions matrix."""
+    dim = lam.size
+    n_tail = dim - dense
+    a = np.diag(lam[:dense])
+    b = np.zeros((dense, n_tail))
+    d = lam[dense:].copy()
+    for i in range(cols.shape[1]):
+        for j in range(cols.shape[1]):
+            ci, cj, v = cols[:, i], cols[:, j], vals[:, i] * vals[:, j] * s
+            head_i, head_j = ci < dense, cj < dense
+            both = head_i & head_j
+            np.add.at(a, (ci[both], cj[both]), v[both])
+            mixed = head_i & ~head_j
+            np.add.at(b, (ci[mixed], cj[mixed] - dense), v[mixed])
+            tail = ~head_i & ~head_j
+            if np.any(ci[tail] != cj[tail]):
+                raise ValueError("a row has two columns of the diagonal block")
+            np.add.at(d, ci[tail] - dense, v[tail])
     g1, g2 = grad[:dense], grad[dense:]
     x1 = np.linalg.solve(a - (b / d) @ b.T, g1 - b @ (g2 / d))
     return np.concatenate([x1, (g2 - b.T @ x1) / d])
@@ -119,15 +135,9 @@ def _fit(cols: np.ndarray, vals: np.ndarray, y: np.ndarray, lam: np.ndarray, max
     flat = cols.ravel()
     loss = _loss(np.zeros(len(y)), y, w, lam)
     for _ in range(max_iter):
-        z = (vals * w[cols]).sum(axis=1)
-        p = _sigmoid(z)
+        p = _sigmoid((vals * w[cols]).sum(axis=1))
         grad = np.bincount(flat, weights=(vals * (p - y)[:, None]).ravel(), minlength=dim) + lam * w
-        s = p * (1.0 - p)
-        hess = np.diag(lam)
-        for a in range(cols.shape[1]):
-            for b in range(cols.shape[1]):
-                np.add.at(hess, (cols[:, a], cols[:, b]), vals[:, a] * vals[:, b] * s)
-        step = _solve(hess, grad, dim if dense is None else dense)
+        step = _newton_step(cols, vals, p * (1.0 - p), lam, grad, dim if dense is None else dense)
         t = 1.0
         while True:  # step halving: the penalised loss is convex, so a short enough Newton step always descends
             candidate = w - t * step
