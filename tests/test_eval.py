@@ -670,7 +670,10 @@ def test_scripted_gpt4_like_judge_scores_mt_bench_and_alpaca_eval(tiny_eval, tmp
     judging = res["judging"]
     assert judging["calls"] == fake_judge.requests and judging["retries"] == fake_judge.unreadable
     assert judging["judgments"] == 32 + 3 * 10 + 8 and judging["parse_failures"] == 0
-    assert "| file-model | 60.0 | 18.7 | 2/2/1 | 5/5 | 80.0 |" in result.report.read_text()
+    # 5 instructions are too few for the length-controlled win rate: n/a, and the report says why.
+    assert "| file-model | 60.0 | 18.7 | n/a | 2/2/1 | 5/5 | 80.0 |" in result.report.read_text()
+    assert file_model["lc_win_rate"] is None and file_model["lc_reason"].startswith("5 judged instructions")
+    assert "LC win rate unavailable: tiny-a: 5 judged instructions" in result.report.read_text()
     assert min(_png_size(result.chart.read_bytes())) > 400
 
 

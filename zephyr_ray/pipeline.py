@@ -262,6 +262,8 @@ def summarize(m: Manifest) -> dict[str, Any]:
                          for name, s in mt.get("models", {}).items()},
             "categories": mt.get("categories", []),
             "win_rate": {name: {"win_rate": s["win_rate"], "standard_error": s["standard_error"],
+                                # the length-controlled win rate, or why it is unavailable (not in older results)
+                                **{k: s[k] for k in ("lc_win_rate", "lc_reason") if k in s},
                                 "parse_failures": s["parse_failures"]}
                          for name, s in alpaca.get("models", {}).items()},
             "reference": alpaca.get("reference"),
@@ -302,10 +304,16 @@ def summary_table(summary: dict[str, Any]) -> str:
         if e["win_rate"]:
             rows.append([f"win rate vs {e['reference']}",
                          *(_fmt(e["win_rate"].get(n, {}).get("win_rate"), ".1%") for n in models)])
+            if any("lc_win_rate" in s for s in e["win_rate"].values()):  # results.json before LC win rates: none
+                rows.append([f"LC win rate vs {e['reference']}",
+                             *(_fmt(e["win_rate"].get(n, {}).get("lc_win_rate"), ".1%") for n in models)])
         width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         how = "expected: probability-weighted" if e.get("judge_mode") == "expected" else "generate: parsed ratings"
         lines.append(f"evaluation (judge {e['judge']}, {how}):")
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, width, strict=True)) for r in rows]
+        reasons = {n: s["lc_reason"] for n, s in e["win_rate"].items() if s.get("lc_reason")}
+        if reasons:
+            lines.append("  LC win rate n/a: " + "; ".join(f"{n}: {why}" for n, why in reasons.items()))
     for turn in summary.get("chat", []):
         lines.append(f"chat (dDPO model)\n  user: {turn['user']}\n  assistant: {turn['assistant']}")
     return "\n".join(lines)

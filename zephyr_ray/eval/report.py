@@ -113,13 +113,20 @@ def markdown_report(results: dict[str, Any], chart: str | None) -> str:
                      "(ties count half; ± is the standard error over instructions)."), ""]
         rows = []
         for name, s in ae["models"].items():
-            rows.append([name, _pct(s["win_rate"]), _pct(s["standard_error"]), f"{s['wins']}/{s['ties']}/{s['losses']}",
+            rows.append([name, _pct(s["win_rate"]), _pct(s["standard_error"]), _pct(s.get("lc_win_rate")),
+                         f"{s['wins']}/{s['ties']}/{s['losses']}",
                          f"{s['judged']}/{s['instructions']}", _pct(s["position_consistency"]),
                          _pct(s["first_position_rate"]), f"{_f(s['mean_length'], '.0f')} / {_f(s['reference_mean_length'], '.0f')}",
                          str(s["parse_failures"])])
-        lines += _table(["Model", "Win rate %", "± SE %", "W/T/L", "Judged", "Position consistency %",
+        lines += _table(["Model", "Win rate %", "± SE %", "LC win rate %", "W/T/L", "Judged", "Position consistency %",
                          "Picked first %", "Mean length (chars) model / ref", "Parse failures"], rows) + [""]
-        lines += ["Judges favour longer answers (length bias): compare the mean lengths before reading a win rate.", ""]
+        lines += ["Judges favour longer answers (length bias): compare the mean lengths before reading a win rate. "
+                  "The LC (length-controlled, AlpacaEval 2) win rate is the win rate a logistic fit of the judgments "
+                  "on model, length difference (tanh of the difference over its standard deviation) and instruction "
+                  "difficulty (fitted on every model of the run) predicts at equal lengths.", ""]
+        unavailable = {n: s["lc_reason"] for n, s in ae["models"].items() if s.get("lc_reason")}
+        if unavailable:
+            lines += ["LC win rate unavailable: " + "; ".join(f"{n}: {why}" for n, why in unavailable.items()) + ".", ""]
         missing = {n: s["missing_outputs"] for n, s in ae["models"].items() if s.get("missing_outputs")}
         if missing:
             lines += ["Instructions left out for want of an output (model or reference): "

@@ -34,6 +34,7 @@ from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.eval import mt_bench
 from zephyr_ray.eval.inputs import read_input_rows
 from zephyr_ray.eval.judging import judge_label, judge_work, verdict_of
+from zephyr_ray.eval.length_controlled import Judged, length_controlled_win_rates, with_length_controlled
 from zephyr_ray.eval.mt_bench import digest
 from zephyr_ray.eval.pairwise import (
     agreement_stats,
@@ -351,8 +352,10 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
         ref = al.reference
         models: dict[str, Any] = {}
         annotations = []
+        judged_pairs: dict[str, list[Judged]] = {}  # the length-controlled win rate's input
         for name in cfg.alpaca_models():
             pairs, used = [], []
+            judged_pairs[name] = []
             for it in al.items:
                 key = (name, it["instruction_id"])
                 if key in outcomes:
@@ -360,6 +363,9 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
                     pairs.append((first, second))
                     used.append(it["instruction"])
                     p = instruction_score((first, second))
+                    if p is not None:
+                        judged_pairs[name].append(Judged(it["instruction_id"], p, len(al.outputs[name][it["instruction"]]),
+                                                         len(al.outputs[ref][it["instruction"]])))
                     annotations.append({
                         "instruction": it["instruction"], "instruction_id": it["instruction_id"],
                         "output_1": al.outputs[ref][it["instruction"]], "generator_1": ref,
@@ -380,6 +386,8 @@ def _alpaca_results(al: _Alpaca, judged: dict[str, dict[str, Any]], cfg: EvalRec
                 "parse_failures": sum(r["verdict"] is None for r in name_rows),
                 "judge_calls": sum(int(r["attempts"]) for r in name_rows)})
             models[name] = s
+        lc = length_controlled_win_rates(judged_pairs)
+        models = {name: with_length_controlled(s, lc[name]) for name, s in models.items()}
         write_jsonl(annotations, out / "alpaca_eval" / "annotations.jsonl")
         for name in al.tokens:  # generated outputs in AlpacaEval's model_outputs.json format
             path = out / "alpaca_eval" / "model_outputs" / f"{name}.json"
