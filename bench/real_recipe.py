@@ -65,7 +65,8 @@ class Sizes:
     sft_lr: float = 2e-4
     sft_micro_batch: int = 2
     dpo_lora: bool = False
-    dpo_lr: float = 1e-5
+    # 1e-5 (the first probe by hand) moved the policy little in 8 steps: held-out reward margin 0.30, accuracy 0.850
+    dpo_lr: float = 3e-5
     dpo_micro_batch: int = 4
     dpo_accumulation: int = 2
     beta: float = 0.1
