@@ -321,8 +321,11 @@ def use_serve_llm(cfg: ServeRecipe) -> bool:
         if cfg.serve.api_key_env:
             raise ConfigError("serve.vllm_app=serve_llm has no API key check; use serve.vllm_app=ingress (or auto) "
                               "with serve.api_key_env, or put an authenticating gateway in front")
+        if cfg.engine.chat_template:
+            raise ConfigError("serve.vllm_app=serve_llm prompts with the model's own chat template; engine.chat_template "
+                              "needs serve.vllm_app=ingress (or auto)")
         return True
-    if mode == "ingress" or cfg.serve.api_key_env:
+    if mode == "ingress" or cfg.serve.api_key_env or cfg.engine.chat_template:
         return False
     try:
         import ray.serve.llm  # noqa: F401  (needs vllm)
