@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from zephyr_ray.generation.types import SamplingParams
 from zephyr_ray.models import TINY_FAMILY_NAMES
+from zephyr_ray.templates import template_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,67 @@ class ConfigError(ValueError):
 def choice(default: str, *choices: str) -> Any:
     """A string field restricted to ``choices`` (checked at load time)."""
     return field(default=default, metadata={"choices": (default, *choices)})
+
+
+# --- data mixtures (data.mixture) and chat-template overrides (model.chat_template, engine.chat_template) ---
+
+DEFAULT_DATA_PATH = "data/sample/sft.jsonl"
+
+
+def chat_template_field() -> Any:
+    """``model.chat_template`` / ``engine.chat_template``: checked at load time (a known name or an existing file)."""
+    return field(default=None, metadata={"check": template_problem})
+
+
+@dataclass
+class MixtureSource:
+    """One source of ``data.mixture`` (``zephyr_ray/data/mixture.py``): its rows, renamed, weighted and split."""
+
+    # Local file or folder (JSONL, Parquet, a `datasets` save_to_disk folder) or a hub dataset id (needs `datasets`).
+    path: str = ""
+    # The hub dataset's configuration (datasets.load_dataset's name); None = its default.
+    config: str | None = None
+    # The split of a `datasets` folder or hub id; None = data.split.
+    split: str | None = None
+    # Source column -> our column, e.g. {conversations: messages} or {question: prompt, good: chosen, bad: rejected};
+    # other columns stay as they are. A source column that no row has is an error naming the source and column.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Rows used per row read (> 0), after the held-out split: 0.5 = a seeded half, 2.5 = every row twice plus a
+    # seeded half (data.seed).
+    weight: float = 1.0
+    # Share in [0, 1) of this source's prompts held out for evaluation, split by prompt text as data.eval_fraction
+    # (data/split.py, data.seed); 0 = none.
+    eval_fraction: float = 0.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        where = f"(source {self.path or '<no path>'})"
+        out = []
+        if not self.path:
+            out.append(("path", "every mixture source needs a path (file, folder or hub dataset id)"))
+        if not self.weight > 0:
+            out.append(("weight", f"must be > 0 {where}"))
+        if not 0 <= self.eval_fraction < 1:
+            out.append(("eval_fraction", f"must be within [0, 1) {where}"))
+        return out
+
+
+def mixture_problems(data: DataConfig) -> list[tuple[str, str]]:
+    """What ``data.mixture`` rules out elsewhere in ``data``."""
+    if not data.mixture:
+        return []
+    out = []
+    if data.path and data.path != DEFAULT_DATA_PATH:
+        out.append(("path", f"is exclusive with data.mixture ({len(data.mixture)} sources): give one of them"))
+    if data.eval_fraction:
+        out.append(("eval_fraction", "holds out part of data.path; with data.mixture, set data.mixture[i].eval_fraction "
+                                     "per source"))
+    held = [i for i, s in enumerate(data.mixture) if s.eval_fraction]
+    if data.eval_path and held:
+        out.append(("eval_path", f"data.mixture[{held[0]}].eval_fraction holds out rows too: give one of them"))
+    return out
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -77,12 +139,16 @@ class ModelConfig:
     tiny_arch: str = choice(*TINY_FAMILY_NAMES)
     # Train LoRA/QLoRA adapters instead of every weight (dSFT and dDPO).
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # The chat template trained with, instead of the tokenizer's: a named one (NAMED_TEMPLATES: zephyr, chatml,
+    # llama-2, mistral) or a Jinja file; the exported tokenizer carries it. None = the tokenizer's (Zephyr's if none).
+    chat_template: str | None = chat_template_field()
 
 
 @dataclass
 class DataConfig:
     # JSONL / Parquet file or folder, a `datasets` save_to_disk folder, or a hub id; local or fsspec URL.
-    path: str = "data/sample/sft.jsonl"
+    # Exclusive with mixture (leave it at its default or null there).
+    path: str | None = DEFAULT_DATA_PATH
     format: str = choice("auto", "jsonl", "parquet", "hf_disk", "hf_hub")
     split: str = "train"
     max_length: int = 2048
@@ -107,10 +173,15 @@ class DataConfig:
     # Share in [0, 1) of path's prompts held out for evaluation instead (data.split.held_out: by a hash of seed
     # and prompt text, so all rows of one prompt land on one side); 0 = none.
     eval_fraction: float = 0.0
+    # Several sources instead of path (dSFT, dDPO; MixtureSource: columns, weight, held-out share each), mixed
+    # with seed and read on the driver; data_report.json counts each source's rows read, used and held out.
+    mixture: list[MixtureSource] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for values no choice list can judge: checked at load time."""
-        out = []
+        out = mixture_problems(self)
+        if not self.path and not self.mixture:
+            out.append(("path", "give a data file, folder or hub id (or data.mixture)"))
         if not 0 <= self.eval_fraction < 1:
             out.append(("eval_fraction", "must be within [0, 1)"))
         if self.eval_fraction and self.eval_path:
@@ -329,6 +400,9 @@ class EngineConfig:
     rows_per_task: int = 64
     # Testing fault tolerance: the first actor to take a task exits mid-task, once per output folder.
     inject_crash_once: bool = False
+    # Prompts rendered with this chat template instead of the tokenizer's (model.chat_template's choices). In the
+    # pipeline, the trained models use the template saved with them.
+    chat_template: str | None = chat_template_field()
 
 
 @dataclass
@@ -610,7 +684,8 @@ class ServeConfig:
     default_top_p: float = 1.0
     max_n: int = 8
     # vllm backend: ray.serve.llm's OpenAI app (serve_llm), our ingress around the vLLM engine (ingress; has
-    # our validation and API key), or auto = serve_llm when ray.serve.llm imports and no API key is set.
+    # our validation and API key), or auto = serve_llm when ray.serve.llm imports and no API key (nor
+    # engine.chat_template) is set.
     vllm_app: str = choice("auto", "serve_llm", "ingress")
 
 
@@ -690,6 +765,8 @@ def _validate(obj: Any, prefix: str = "") -> None:
                     _validate(item, f"{key}[{i}].")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
+        elif "check" in f.metadata and value is not None and (problem := f.metadata["check"](value)):
+            raise ConfigError(f"{key}={value!r}: {problem}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[T] = SFTRecipe) -> T:

@@ -29,6 +29,7 @@ from zephyr_ray.config import (
     DPORecipe,
     EngineConfig,
     EvalRecipe,
+    MixtureSource,
     PipelineRecipe,
     ServeRecipe,
     SFTRecipe,
@@ -61,8 +62,9 @@ def sft_config(cfg: PipelineRecipe, run_dir: Path) -> SFTRecipe:
 
 
 def sft_engine(template: EngineConfig, sft_model: str, name: str) -> EngineConfig:
-    """A trained model as an engine: ``template``'s backend and resources, the trained weights."""
-    return replace(template, name=name, path=sft_model, revision=None)
+    """A trained model as an engine: ``template``'s backend and resources, the trained weights and the chat
+    template saved with them (not ``template``'s override, which belongs to another model)."""
+    return replace(template, name=name, path=sft_model, revision=None, chat_template=None)
 
 
 def aif_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str) -> AIFRecipe:
@@ -75,8 +77,12 @@ def aif_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str) -> AIFRecipe:
 
 
 def dpo_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, pairs: str) -> DPORecipe:
-    """Policy init = the dSFT model; the reference is too unless ``dpo.dpo.ref.path`` names another."""
-    dpo = replace(cfg.dpo, model=replace(cfg.dpo.model, path=sft_model), data=replace(cfg.dpo.data, path=pairs))
+    """Policy init = the dSFT model; the reference is too unless ``dpo.dpo.ref.path`` names another. The AIF pairs
+    are the data, or one more source (weight 1) of ``dpo.data.mixture`` when one is configured."""
+    data = cfg.dpo.data
+    data = (replace(data, mixture=[*data.mixture, MixtureSource(path=pairs)]) if data.mixture
+            else replace(data, path=pairs))
+    dpo = replace(cfg.dpo, model=replace(cfg.dpo.model, path=sft_model), data=data)
     return _placed(dpo, cfg, run_dir, "dpo")
 
 
@@ -343,6 +349,10 @@ def check_pipeline(cfg: PipelineRecipe) -> None:
         raise ConfigError("aif.candidates is empty and pipeline.sft_as_candidate is false: nobody answers")
     if not cfg.eval.models:
         raise ConfigError("eval.models needs one entry: the template for the dSFT and dDPO engines")
+    for key, engine in (("eval.models[0]", cfg.eval.models[0]), ("serve.engine", cfg.serve.engine)):
+        if engine.chat_template:
+            raise ConfigError(f"{key}.chat_template={engine.chat_template!r}: the pipeline's trained models carry the "
+                              "template they were trained with (sft.model.chat_template); unset it")
     if cfg.aif.completions:
         raise ConfigError("aif.completions (pre-generated completions) cannot include the dSFT model's answers; "
                           "unset it in the pipeline")
