@@ -1,8 +1,9 @@
 """Named chat templates (``model.chat_template`` / ``engine.chat_template``) and reading a template override.
 
 The ``.jinja`` files here follow the formats' public definitions, with ``{% generation %}`` markers around what the
-assistant says (content + end of turn) so training labels exactly that (``data/tokenize.py``); the markers render
-nothing of their own:
+model generates after the prompt (content + end of turn; llama-2's also the space after ``[/INST]``) so training
+labels exactly that (``data/tokenize.py``; the same tokens its prefix rendering finds); the markers render nothing
+of their own:
 
 - ``zephyr``: HuggingFaceH4/zephyr-7b-beta's (``<|user|>\\n...</s>\\n<|assistant|>\\n...</s>\\n``);
 - ``chatml``: OpenAI's ChatML as in Hugging Face's chat-template docs (``<|im_start|>role\\n...<|im_end|>\\n``);
