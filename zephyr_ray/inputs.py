@@ -16,6 +16,7 @@ from zephyr_ray.config import (
     DistillConfig,
     EngineConfig,
     LeaderboardTaskConfig,
+    MixtureSource,
     ModelConfig,
     PromptsConfig,
     ReferenceConfig,
@@ -25,7 +26,7 @@ from zephyr_ray.gguf_import import EMBEDDED_MODELS, GGUFImportError, embedded_gg
 
 # Node types whose ``path`` names a model folder (or hub id), and those whose ``path`` names a data file.
 _MODEL_NODES = (ModelConfig, EngineConfig, ReferenceConfig)
-_DATA_NODES = (DataConfig, PromptsConfig, LeaderboardTaskConfig)
+_DATA_NODES = (DataConfig, PromptsConfig, LeaderboardTaskConfig, MixtureSource)
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 

@@ -13,23 +13,12 @@ from typing import Any
 
 from zephyr_ray.gguf_import import resolve as resolve_gguf
 from zephyr_ray.synthetic import sample_dialogues
+from zephyr_ray.templates import END_OF_TURN, read_chat_template
 
 log = logging.getLogger(__name__)
 
-# Zephyr's format; {% generation %} marks what the model is trained to say (content + EOS).
-ZEPHYR_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
-    "{% elif message['role'] in ['system', 'user'] %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% else %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+# Zephyr's format (templates/zephyr.jinja); {% generation %} marks what the model is trained to say (content + EOS).
+ZEPHYR_CHAT_TEMPLATE = read_chat_template("zephyr")
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # torch dtype name of each precision setting (train.precision, engine.precision), for every loader.
@@ -82,6 +71,7 @@ _FOLD_SYSTEM = (
 )
 _SYSTEM_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
 TEMPLATE_OWN, TEMPLATE_FOLDED, TEMPLATE_ZEPHYR = "own", "own (system folded into first user turn)", "zephyr (added)"
+TEMPLATE_OVERRIDE = "override: {}"  # model.chat_template / engine.chat_template
 
 
 def _renders_system(tok: Any) -> bool:
@@ -109,24 +99,48 @@ def _fit_chat_template(tok: Any) -> str:
     return TEMPLATE_FOLDED
 
 
-def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer with a pad token and a chat template that marks assistant spans (Zephyr's
-    when it has none; its own, with system messages folded into the first user turn where it has no
-    system role)."""
+def apply_chat_template_override(tok: Any, spec: str) -> None:
+    """Give ``tok`` the named template or Jinja file ``spec`` in place (system messages folded into the first user
+    turn where it has no system role). A named template's end-of-turn marker (``templates.END_OF_TURN``) becomes the
+    EOS token where the vocabulary has it as one token; where it has not, turns end in plain text and generation
+    stops only at the model's own EOS, which is logged."""
+    tok.chat_template = read_chat_template(spec)
+    end = END_OF_TURN.get(spec)
+    if end and end != tok.eos_token:
+        if end in tok.get_vocab():
+            tok.eos_token = end
+        else:
+            log.warning("chat template %s ends turns with %s, which is not one token of this vocabulary: generation "
+                        "stops only at the EOS token %s", spec, end, tok.eos_token)
+    _fit_chat_template(tok)
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
+    """The model's tokenizer with a pad token and a chat template that marks assistant spans: ``chat_template``
+    (a named template or Jinja file, ``templates``) when given, else its own (with system messages folded into
+    the first user turn where it has no system role), else Zephyr's."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_gguf(path), revision=revision, trust_remote_code=trust_remote_code)
-    _fit_chat_template(tok)
+    if chat_template:
+        apply_chat_template_override(tok, chat_template)
+    else:
+        _fit_chat_template(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def chat_template_source(tokenizer_or_path: Any, revision: str | None = None, trust_remote_code: bool = False) -> str:
-    """Which chat template a model is trained and prompted with: ``own``, ``own (system folded into
-    first user turn)`` or ``zephyr (added)`` (its tokenizer has none). Takes a model path or a tokenizer
-    as loaded by ``AutoTokenizer`` (not ``load_tokenizer``, which has already fitted it). Recorded in the
-    pipeline manifest, so a base model that silently got Zephyr's format is visible."""
+def chat_template_source(tokenizer_or_path: Any, revision: str | None = None, trust_remote_code: bool = False,
+                         chat_template: str | None = None) -> str:
+    """Which chat template a model is trained and prompted with: ``override: <chat_template>`` when one is
+    configured, else ``own``, ``own (system folded into first user turn)`` or ``zephyr (added)`` (its tokenizer has
+    none). Takes a model path or a tokenizer as loaded by ``AutoTokenizer`` (not ``load_tokenizer``, which has
+    already fitted it). Recorded in the pipeline manifest, so a base model that silently got Zephyr's format is
+    visible."""
+    if chat_template:
+        return TEMPLATE_OVERRIDE.format(chat_template)
     if isinstance(tokenizer_or_path, (str, Path)):
         from transformers import AutoTokenizer
 

@@ -28,6 +28,7 @@ from zephyr_ray.config import (
     ConfigError,
     DPORecipe,
     EvalRecipe,
+    MixtureSource,
     PipelineRecipe,
     ServeRecipe,
     SFTRecipe,
@@ -67,8 +68,12 @@ def aif_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str) -> AIFRecipe:
 
 
 def dpo_config(cfg: PipelineRecipe, run_dir: Path, sft_model: str, pairs: str) -> DPORecipe:
-    """Policy init = the dSFT model; the reference is too unless ``dpo.dpo.ref.path`` names another."""
-    dpo = replace(cfg.dpo, model=replace(cfg.dpo.model, path=sft_model), data=replace(cfg.dpo.data, path=pairs))
+    """Policy init = the dSFT model; the reference is too unless ``dpo.dpo.ref.path`` names another. The AIF pairs
+    are the data, or one more source (weight 1) of ``dpo.data.mixture`` when one is configured."""
+    data = cfg.dpo.data
+    data = (replace(data, mixture=[*data.mixture, MixtureSource(path=pairs)]) if data.mixture
+            else replace(data, path=pairs))
+    dpo = replace(cfg.dpo, model=replace(cfg.dpo.model, path=sft_model), data=data)
     return _placed(dpo, cfg, run_dir, "dpo")
 
 

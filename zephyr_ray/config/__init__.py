@@ -8,11 +8,13 @@ import X`` is the one import path. This package sits low in the layers: it impor
 
 from zephyr_ray.config.aif import AIFRecipe, JudgeConfig
 from zephyr_ray.config.common import (
+    DEFAULT_DATA_PATH,
     ActorPoolConfig,
     DataConfig,
     DeepSpeedConfig,
     EngineConfig,
     LoRAConfig,
+    MixtureSource,
     ModelConfig,
     PromptsConfig,
     RunConfig,
@@ -62,7 +64,7 @@ RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe, "generate": Gene
                             "leaderboard": LeaderboardRecipe, "serve": ServeRecipe, "pipeline": PipelineRecipe}
 
 __all__ = [
-    "MMLU_DESCRIPTION", "MT_BENCH_CATEGORIES", "MT_BENCH_TEMPERATURES", "PIPELINE_STAGES", "PROJECT_ROOT", "RECIPES",
+    "DEFAULT_DATA_PATH", "MixtureSource", "MMLU_DESCRIPTION", "MT_BENCH_CATEGORIES", "MT_BENCH_TEMPERATURES", "PIPELINE_STAGES", "PROJECT_ROOT", "RECIPES",
     "TINY_FAMILY_NAMES", "AIFRecipe", "ActorPoolConfig", "AlpacaEvalConfig", "AutoscalingConfig", "ConfigError",
     "DPOConfig", "DPORecipe", "DataConfig", "DeepSpeedConfig", "DistillConfig", "EngineConfig", "EvalJudgeConfig",
     "EvalRecipe", "GenerateRecipe", "JudgeConfig", "LeaderboardRecipe", "LeaderboardTaskConfig", "LoRAConfig",

@@ -4,9 +4,18 @@ generation engine, a prompt set and a frozen-model actor pool."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from zephyr_ray.config.loader import choice
 from zephyr_ray.models import TINY_FAMILY_NAMES
+from zephyr_ray.templates import template_problem
+
+DEFAULT_DATA_PATH = "data/sample/sft.jsonl"
+
+
+def chat_template_field() -> Any:
+    """``model.chat_template`` / ``engine.chat_template``: checked at load time (a known name or an existing file)."""
+    return field(default=None, metadata={"check": template_problem})
 
 
 def usable_name(name: str) -> bool:
@@ -63,12 +72,49 @@ class ModelConfig:
     tiny_arch: str = choice(*TINY_FAMILY_NAMES)
     # Train LoRA/QLoRA adapters instead of every weight (dSFT and dDPO).
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # The chat template trained with, instead of the tokenizer's: a named one (NAMED_TEMPLATES: zephyr, chatml,
+    # llama-2, mistral) or a Jinja file; the exported tokenizer carries it. None = the tokenizer's (Zephyr's if none).
+    chat_template: str | None = chat_template_field()
+
+
+@dataclass
+class MixtureSource:
+    """One source of ``data.mixture`` (``zephyr_ray/data/mixture.py``): its rows, renamed, weighted and split."""
+
+    # Local file or folder (JSONL, Parquet, a `datasets` save_to_disk folder) or a hub dataset id (needs `datasets`).
+    path: str = ""
+    # The hub dataset's configuration (datasets.load_dataset's name); None = its default.
+    config: str | None = None
+    # The split of a `datasets` folder or hub id; None = data.split.
+    split: str | None = None
+    # Source column -> our column, e.g. {conversations: messages} or {question: prompt, good: chosen, bad: rejected};
+    # other columns stay as they are. A source column that no row has is an error naming the source and column.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Rows used per row read (> 0), after the held-out split: 0.5 = a seeded half, 2.5 = every row twice plus a
+    # seeded half (data.seed).
+    weight: float = 1.0
+    # Share in [0, 1) of this source's prompts held out for evaluation, split by prompt text as data.eval_fraction
+    # (data/split.py, data.seed); 0 = none.
+    eval_fraction: float = 0.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        where = f"(source {self.path or '<no path>'})"
+        out = []
+        if not self.path:
+            out.append(("path", "every mixture source needs a path (file, folder or hub dataset id)"))
+        if not self.weight > 0:
+            out.append(("weight", f"must be > 0 {where}"))
+        if not 0 <= self.eval_fraction < 1:
+            out.append(("eval_fraction", f"must be within [0, 1) {where}"))
+        return out
 
 
 @dataclass
 class DataConfig:
     # JSONL / Parquet file or folder, a `datasets` save_to_disk folder, or a hub id; local or fsspec URL.
-    path: str = "data/sample/sft.jsonl"
+    # Exclusive with mixture (leave it at its default or null there).
+    path: str | None = DEFAULT_DATA_PATH
     format: str = choice("auto", "jsonl", "parquet", "hf_disk", "hf_hub")
     split: str = "train"
     max_length: int = 2048
@@ -93,15 +139,35 @@ class DataConfig:
     # Share in [0, 1) of path's prompts held out for evaluation instead (data.split.held_out: by a hash of seed
     # and prompt text, so all rows of one prompt land on one side); 0 = none.
     eval_fraction: float = 0.0
+    # Several sources instead of path (dSFT, dDPO; MixtureSource: columns, weight, held-out share each), mixed
+    # with seed and read on the driver; data_report.json counts each source's rows read, used and held out.
+    mixture: list[MixtureSource] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for values no choice list can judge: checked at load time."""
-        out = []
+        out = self.mixture_problems()
+        if not self.path and not self.mixture:
+            out.append(("path", "give a data file, folder or hub id (or data.mixture)"))
         if not 0 <= self.eval_fraction < 1:
             out.append(("eval_fraction", "must be within [0, 1)"))
         if self.eval_fraction and self.eval_path:
             out.append(("eval_fraction", f"holds out part of data.path, but data.eval_path={self.eval_path!r} is "
                                          "set too: give one of them"))
+        return out
+
+    def mixture_problems(self) -> list[tuple[str, str]]:
+        """What ``data.mixture`` rules out elsewhere in ``data``."""
+        if not self.mixture:
+            return []
+        out = []
+        if self.path and self.path != DEFAULT_DATA_PATH:
+            out.append(("path", f"is exclusive with data.mixture ({len(self.mixture)} sources): give one of them"))
+        if self.eval_fraction:
+            out.append(("eval_fraction", "holds out part of data.path; with data.mixture, set "
+                                         "data.mixture[i].eval_fraction per source"))
+        held = [i for i, src in enumerate(self.mixture) if src.eval_fraction]
+        if self.eval_path and held:
+            out.append(("eval_path", f"data.mixture[{held[0]}].eval_fraction holds out rows too: give one of them"))
         return out
 
 
@@ -244,6 +310,9 @@ class EngineConfig:
     rows_per_task: int = 64
     # Testing fault tolerance: the first actor to take a task exits mid-task, once per output folder.
     inject_crash_once: bool = False
+    # Prompts rendered with this chat template instead of the tokenizer's (model.chat_template's choices). In the
+    # pipeline, the trained models use the template saved with them.
+    chat_template: str | None = chat_template_field()
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for values no choice list can judge: checked at load time."""

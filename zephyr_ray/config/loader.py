@@ -65,6 +65,8 @@ def validate(obj: Any, prefix: str = "") -> None:
         value = getattr(obj, f.name)
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{prefix}{f.name}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
+        if "check" in f.metadata and value is not None and (problem := f.metadata["check"](value)):
+            raise ConfigError(f"{prefix}{f.name}={value!r}: {problem}")  # a field's own rule (a name or a file)
     for key, problem in getattr(obj, "problems", list)():
         raise _problem(obj, prefix, key, problem)
     view = obj.validation_view() if hasattr(obj, "validation_view") else obj

@@ -58,6 +58,11 @@ class PipelineRecipe:
             out.append(("aif.candidates", f"the name {SFT_NAME!r} is taken by the pipeline's dSFT candidate"))
         if not self.eval.models:
             out.append(("eval.models", "needs one entry: the template for the dSFT and dDPO engines"))
+        for key, engine in (("eval.models[0]", self.eval.models[0] if self.eval.models else None),
+                            ("serve.engine", self.serve.engine)):
+            if engine is not None and engine.chat_template:
+                out.append((f"{key}.chat_template", "the pipeline's trained models carry the template they were "
+                                                    "trained with (sft.model.chat_template); unset it"))
         if self.aif.completions:
             out.append(("aif.completions", "pre-generated completions cannot include the dSFT model's answers; unset "
                                            "it in the pipeline"))
@@ -76,8 +81,9 @@ SFT_NAME, DPO_NAME = "dsft", "ddpo"
 
 
 def trained_engine(template: EngineConfig, model: str, name: str) -> EngineConfig:
-    """A trained model as an engine: ``template``'s backend and resources, the trained weights."""
-    return replace(template, name=name, path=model, revision=None)
+    """A trained model as an engine: ``template``'s backend and resources, the trained weights and the chat
+    template saved with them (not ``template``'s override, which belongs to another model)."""
+    return replace(template, name=name, path=model, revision=None, chat_template=None)
 
 
 def chained_aif(cfg: PipelineRecipe, sft_model: str) -> AIFRecipe:

@@ -77,7 +77,8 @@ class ServeConfig:
     default_top_p: float = 1.0
     max_n: int = 8
     # vllm backend: ray.serve.llm's OpenAI app (serve_llm), our ingress around the vLLM engine (ingress; has
-    # our validation and API key), or auto = serve_llm when ray.serve.llm imports and no API key is set.
+    # our validation and API key), or auto = serve_llm when ray.serve.llm imports and no API key (nor
+    # engine.chat_template) is set.
     vllm_app: str = choice("auto", "serve_llm", "ingress")
     # LoRA adapters served beside the base model (engine.path), name -> peft adapter folder (a LoRA stage's
     # model/adapter, or the exported model folder holding it): a request's `model` names an adapter or the base,
@@ -115,6 +116,9 @@ class ServeRecipe:
         """(key, what is wrong) between sections: checked at load time."""
         if self.engine.backend == "openai":
             return [("engine.backend", "cannot be served (it is a client); use transformers or vllm")]
+        if self.serve.vllm_app == "serve_llm" and self.engine.chat_template:
+            return [("engine.chat_template", "serve.vllm_app=serve_llm prompts with the model's own chat template; "
+                                             "an override needs serve.vllm_app=ingress (or auto)")]
         base = self.serve.model_name or self.engine.name
         if base in self.serve.adapters:
             return [(f"serve.adapters.{base}", "an adapter may not have the base model's name "

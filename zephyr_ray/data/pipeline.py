@@ -21,34 +21,39 @@ if TYPE_CHECKING:
 Examples = Callable[[list[dict[str, Any]], Any, DataConfig], tuple[list[dict[str, Any]], DataReport]]
 
 
-def _rows(batch: pa.Table, examples: Examples, schema: pa.Schema, tokenizer_path: str, cfg: DataConfig) -> pa.Table:
+def _rows(batch: pa.Table, examples: Examples, schema: pa.Schema, tokenizer_path: str, cfg: DataConfig,
+          chat_template: str | None = None) -> pa.Table:
     import pyarrow as pa
 
-    out, _ = examples(batch.to_pylist(), cached_tokenizer(tokenizer_path), cfg)
+    out, _ = examples(batch.to_pylist(), cached_tokenizer(tokenizer_path, chat_template), cfg)
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def _report(batch: pa.Table, examples: Examples, tokenizer_path: str, cfg: DataConfig) -> pa.Table:
+def _report(batch: pa.Table, examples: Examples, tokenizer_path: str, cfg: DataConfig,
+            chat_template: str | None = None) -> pa.Table:
     import pyarrow as pa
 
-    _, report = examples(batch.to_pylist(), cached_tokenizer(tokenizer_path), cfg)
+    _, report = examples(batch.to_pylist(), cached_tokenizer(tokenizer_path, chat_template), cfg)
     return pa.table({"report": [report.to_json()]})
 
 
 def stage_dataset(rows: ray.data.Dataset, examples: Examples, schema: pa.Schema, tokenizer_path: str,
-                  cfg: DataConfig) -> ray.data.Dataset:
-    """Training rows, streamed (shuffled first when ``cfg.shuffle``, with a fixed seed)."""
+                  cfg: DataConfig, chat_template: str | None = None) -> ray.data.Dataset:
+    """Training rows, streamed (shuffled first when ``cfg.shuffle``, with a fixed seed); tokenized with
+    ``chat_template`` (``model.chat_template``) when given."""
     return _shuffled(rows, cfg).map_batches(
         _rows, batch_format="pyarrow", batch_size=cfg.pack_window,
-        fn_kwargs={"examples": examples, "schema": schema, "tokenizer_path": tokenizer_path, "cfg": cfg})
+        fn_kwargs={"examples": examples, "schema": schema, "tokenizer_path": tokenizer_path, "cfg": cfg,
+                   "chat_template": chat_template})
 
 
-def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: DataConfig) -> DataReport:
+def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: DataConfig,
+         chat_template: str | None = None) -> DataReport:
     """One streaming pass on the cluster: validates every row and counts training rows and tokens.
     A bad row under ``on_bad_row=error`` surfaces here as :class:`BadRowError`, before training."""
     reports = _shuffled(rows, cfg).map_batches(
         _report, batch_format="pyarrow", batch_size=cfg.pack_window,
-        fn_kwargs={"examples": examples, "tokenizer_path": tokenizer_path, "cfg": cfg})
+        fn_kwargs={"examples": examples, "tokenizer_path": tokenizer_path, "cfg": cfg, "chat_template": chat_template})
     total = DataReport()
     try:
         for item in reports.iter_rows():

@@ -18,6 +18,8 @@ from zephyr_ray.data.readers import RAW_JSON, ROW, SOURCE
 from zephyr_ray.data.schema import BadRowError, RowProblem, RowRef
 
 log = logging.getLogger(__name__)
+# Optional column naming a row's unit ("line" or "row") where RAW_JSON alone would mislead (data/mixture.py rows).
+UNIT = "_unit"
 _INDEX = re.compile(r"\[\d+\]")
 _BAD_ROW_TEXT = re.compile(r"BadRowError: (.+)")
 
@@ -67,7 +69,8 @@ class DataReport:
 
 
 def row_ref(row: dict[str, Any]) -> RowRef:
-    return RowRef(row.get(SOURCE, "<memory>"), int(row.get(ROW, -1)), "line" if RAW_JSON in row else "row")
+    unit = row.get(UNIT) or ("line" if RAW_JSON in row else "row")
+    return RowRef(row.get(SOURCE, "<memory>"), int(row.get(ROW, -1)), unit)
 
 
 def parse_row(row: dict[str, Any]) -> dict[str, Any]:

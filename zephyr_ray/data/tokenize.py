@@ -63,8 +63,9 @@ def assistant_spans_by_prefix(tokenizer: Any, messages: list[dict[str, str]]) ->
 
 
 @functools.lru_cache(maxsize=4)
-def cached_tokenizer(path: str):
-    """One tokenizer per process for Ray Data tasks (loading costs more than a batch)."""
+def cached_tokenizer(path: str, chat_template: str | None = None):
+    """One tokenizer per process for Ray Data tasks (loading costs more than a batch); ``chat_template``:
+    ``model.chat_template``, the override every task of a stage must tokenize with."""
     from zephyr_ray.models import load_tokenizer
 
-    return load_tokenizer(path)
+    return load_tokenizer(path, chat_template=chat_template)

@@ -171,7 +171,8 @@ class HFEngine:
 
         self.cfg = cfg
         self.path = path
-        self.tokenizer = tokenizer or load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = tokenizer or load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                                     chat_template=cfg.chat_template)
         if model is None:
             model = load_model(path, dtype=getattr(torch, DTYPES[cfg.precision]), attn_implementation=cfg.attn_implementation,
                                revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)

@@ -38,7 +38,8 @@ class VLLMEngine:
 
         self.cfg = cfg
         self._vllm = vllm
-        self.tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        chat_template=cfg.chat_template)
         self.llm = vllm.LLM(model=path, tokenizer=path, revision=cfg.revision, dtype=DTYPES[cfg.precision],
                             tensor_parallel_size=cfg.tensor_parallel_size,
                             gpu_memory_utilization=cfg.gpu_memory_utilization, trust_remote_code=cfg.trust_remote_code)

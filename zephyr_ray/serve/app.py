@@ -321,7 +321,7 @@ def use_serve_llm(cfg: ServeRecipe) -> bool:
     mode = cfg.serve.vllm_app
     if mode == "serve_llm":  # without serve.api_key_env: ServeConfig.problems
         return True
-    if mode == "ingress" or cfg.serve.api_key_env:
+    if mode == "ingress" or cfg.serve.api_key_env or cfg.engine.chat_template:
         return False
     try:
         import ray.serve.llm  # noqa: F401  (needs vllm)

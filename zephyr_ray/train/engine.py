@@ -137,4 +137,6 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, is_rank0: bool) 
         else:
             module.config.use_cache = True
             module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        # The chat template in tokenizer_config.json (not chat_template.jinja): read by every transformers version,
+        # vLLM and TGI, so the exported model carries the template it was trained with (model.chat_template).
+        tokenizer.save_pretrained(out_dir, save_jinja_files=False)

@@ -46,6 +46,34 @@ def held_out_rows(rows: Any, data: DataConfig) -> tuple[Any, Any, str | None]:
     return rows, None, None
 
 
+def stage_rows(data: DataConfig) -> tuple[Any, Any, str | None, list[dict[str, Any]] | None]:
+    """(training rows, held-out raw rows or None, where those come from, per-source report or None): ``data.path``
+    through ``held_out_rows``, or ``data.mixture`` mixed on the driver (``data/mixture.py``) into Ray Datasets of
+    the same raw-row shape."""
+    from zephyr_ray.data.readers import read_rows
+
+    if not data.mixture:
+        rows = read_rows(resolve_path(data.path), data.format, data.split, data.limit)
+        return (*held_out_rows(rows, data), None)
+    import ray.data
+
+    from zephyr_ray.data.mixture import describe, mix
+
+    mixed = mix(data.mixture, data.seed, data.split, data.limit)
+    log.info("data mixture (seed %d):\n%s", data.seed, describe(mixed))
+    if not mixed.train:
+        raise ValueError(f"data.mixture left no training rows:\n{describe(mixed)}")
+    train = ray.data.from_items(mixed.train)
+    if data.eval_path:
+        _, held, source = held_out_rows(train, data)
+    elif mixed.held_out:
+        held = ray.data.from_items(mixed.held_out)
+        source = f"data.mixture[*].eval_fraction of each source's prompts (seed {data.seed})"
+    else:
+        held, source = None, None
+    return train, held, source, mixed.report()
+
+
 def eval_shares(dataset: Any, world: int) -> list[tuple[Any, bool]]:
     """The stage's held-out rows (tokenized, with any precomputed columns), gathered once on the driver and dealt
     round-robin to ``world`` ranks: one object-store table per rank, each row in exactly one share. A rank left
@@ -110,7 +138,6 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     rows), train (evaluating on the held-out rows, if any), export, plot ``curves`` (panels of metric keys) to
     ``curves.png``."""
     from zephyr_ray.data.pipeline import plan, stage_dataset
-    from zephyr_ray.data.readers import read_rows
     from zephyr_ray.models import chat_template_source, resolve_model_path
     from zephyr_ray.tracking import read_metrics
     from zephyr_ray.train.curves import plot_curves
@@ -118,17 +145,20 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     cfg, out = open_run(cfg)
     log.info("%s run directory: %s", cfg.run.name, out.absolute())
     model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed, cfg.model.tiny_arch)
-    template = chat_template_source(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    template = chat_template_source(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                                    chat_template=cfg.model.chat_template)
     log.info("chat template of %s: %s", model_path, template)
     ensure_ray()
-    rows = read_rows(resolve_path(cfg.data.path), cfg.data.format, cfg.data.split, cfg.data.limit)
-    rows, eval_rows, eval_source = held_out_rows(rows, cfg.data)
-    report = plan(rows, examples, model_path, cfg.data)
+    rows, eval_rows, eval_source, mixture = stage_rows(cfg.data)
+    template_spec = cfg.model.chat_template
+    report = plan(rows, examples, model_path, cfg.data, template_spec)
     step_plan, dropped = plan_steps(report.packed_rows, cfg.scaling.num_workers, cfg)
     summary = {**json.loads(report.to_json()), "dropped_by_equal_split": dropped, "total_steps": step_plan.total_steps}
+    if mixture is not None:
+        summary["mixture"] = mixture
     eval_report, eval_cfg = None, replace(cfg.data, shuffle=False)  # held-out rows: order does not matter
     if eval_rows is not None:
-        eval_report = plan(eval_rows, examples, model_path, eval_cfg)
+        eval_report = plan(eval_rows, examples, model_path, eval_cfg, template_spec)
         summary["eval"] = {"source": eval_source, **json.loads(eval_report.to_json())}
     (out / "data_report.json").write_text(json.dumps(summary, indent=2))
     log.info("data: %s", report.summary())
@@ -139,12 +169,12 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     if dropped:
         log.warning("%d of %d training rows are left out so that each of %d workers gets the same number",
                     dropped, report.packed_rows, cfg.scaling.num_workers)
-    dataset = stage_dataset(rows, examples, schema, model_path, cfg.data)
+    dataset = stage_dataset(rows, examples, schema, model_path, cfg.data, template_spec)
     if prepare is not None:
         dataset = prepare(dataset, model_path, out)
     eval_data = None
     if eval_rows is not None:
-        eval_dataset = stage_dataset(eval_rows, examples, schema, model_path, eval_cfg)
+        eval_dataset = stage_dataset(eval_rows, examples, schema, model_path, eval_cfg, template_spec)
         if prepare is not None:
             eval_dataset = prepare(eval_dataset, model_path, out, split="eval")
         eval_data = eval_shares(eval_dataset, cfg.scaling.num_workers)

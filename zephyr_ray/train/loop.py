@@ -376,7 +376,7 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     try:
         train_epochs(engine, objective, ray.train.get_dataset_shard("train"), cfg, plan, state, restored is not None,
                      logger, trace, eval_fn)
-        export_hf(engine, load_tokenizer(model_path), out / "model", rank == 0)
+        export_hf(engine, load_tokenizer(model_path, chat_template=cfg.model.chat_template), out / "model", rank == 0)
     finally:
         if logger is not None:
             logger.close()
