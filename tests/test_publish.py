@@ -144,7 +144,8 @@ MODEL_FILES = {"config.json": b'{"model_type": "llama", "vocab_size": 320}\n',
                "adapter/adapter_config.json": b'{"r": 16}\n'}
 METRICS = [{"step": 1, "epoch": 0, "loss": 2.0, "lr": 1e-5, "eval_loss": 1.9, "tokens": 900},
            {"step": 2, "epoch": 0, "loss": 1.5, "lr": 2e-5, "tokens": 1800},
-           {"step": 3, "epoch": 0, "loss": 1.25, "eval_loss": 1.125, "grad_norm": 0.5, "tokens": 2700}]
+           {"step": 3, "epoch": 0, "loss": 1.25, "eval_loss": 1.125, "grad_norm": 0.5, "tokens": 2700,
+            "tokens_per_s": 10096.14}]
 SFT_REPORT = {"rows": 100, "used": 97, "skipped": {"empty": 2, "bad_role": 1}, "truncated": 4, "tokens": 12345,
               "packed_rows": 30, "total_steps": 3,
               "eval": {"source": "data.eval_fraction=0.1 of the prompts (seed 0)", "rows": 11, "used": 11,
@@ -200,7 +201,7 @@ def test_stage_card_front_matter_recipe_data_curves_and_final_metrics(tmp_path):
                  "| data.eval_fraction=0.1 of the prompts (seed 0) | held out | 11 | 11 | 0 | 0 | 781 |",
                  "![training curves](curves.png)",
                  "## Final metrics (step 3)",
-                 "| eval_loss | 1.125 |", "| grad_norm | 0.5 |", "| loss | 1.25 |"]:
+                 "| eval_loss | 1.125 |", "| grad_norm | 0.5 |", "| loss | 1.25 |", "| tokens_per_s | 10096.1 |"]:
         assert line in lines, line
     # Bookkeeping columns are not results.
     assert not any(line.startswith(("| lr |", "| tokens |", "| epoch |")) for line in lines)
@@ -352,6 +353,7 @@ def test_a_failed_push_keeps_the_result_and_records_the_error(hub, tmp_path, mon
     assert record == json.loads((out / PUSH_RECORD).read_text())
     assert record["status"] == "failed" and record["repo_id"] == "me/zephyr-sft"
     assert ("500" if failure.startswith("500") else "401") in record["error"]
+    assert ("fake hub: 500 at /commit/" if failure.startswith("500") else "Invalid credentials") in record["error"]
     assert "me/zephyr-sft" in caplog.text and "failed" in caplog.text
     if failure.startswith("401"):
         assert not hub.posts("/commit/")

@@ -63,7 +63,7 @@ def _fmt(x: Any) -> str:
     if isinstance(x, bool) or x is None:
         return "n/a" if x is None else str(x).lower()
     if isinstance(x, float):
-        return f"{x:.4g}"
+        return f"{x:.1f}" if abs(x) >= 1000 else f"{x:.4g}"  # 10096.1 tokens/s, not 1.01e+04
     return str(x)
 
 
@@ -343,7 +343,8 @@ def _required(repo_id: str | None) -> str:
 def _error(exc: BaseException) -> str:
     """One line: the exception's type and first line (HTTP errors carry their status and the server's message)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:500] if text else ''}"
+    server = (getattr(exc, "server_message", None) or "").strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text[0][:500] if text else ''}" + (f" ({server[:300]})" if server else "")
 
 
 def failed(repo_id: str | None, exc: BaseException, revision: str | None = None) -> dict[str, Any]:
