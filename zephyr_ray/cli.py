@@ -23,6 +23,7 @@ from zephyr_ray.config import (
     load_config,
 )
 from zephyr_ray.inputs import check_paths, pipeline_path_problems, user_error, write_trace
+from zephyr_ray.publish import pipeline_push_records, push_exit_code, stage_push_record
 
 
 def _sft(cfg: SFTRecipe) -> str:
@@ -101,8 +102,9 @@ def _loaded(args: argparse.Namespace, schema: type) -> object:
 
 def _run_stage(args: argparse.Namespace) -> int:
     schema, run, _ = STAGES[args.command]
-    print(run(_loaded(args, schema)))
-    return 0
+    cfg = _loaded(args, schema)
+    print(run(cfg))
+    return push_exit_code([stage_push_record(cfg)])  # PUSH_FAILED_EXIT when run.push_to_hub failed
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -132,8 +134,8 @@ def _pipeline(args: argparse.Namespace) -> int:
         args.run_dir = args.resume
     cfg = _loaded(args, PipelineRecipe) if args.config else None
     args.run_dir = args.resume  # a new run's folder does not exist yet
-    run_pipeline(cfg, resume=args.resume, echo=lambda msg: print(msg, flush=True))
-    return 0
+    result = run_pipeline(cfg, resume=args.resume, echo=lambda msg: print(msg, flush=True))
+    return push_exit_code(pipeline_push_records(result.manifest))  # PUSH_FAILED_EXIT when a push failed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from zephyr_ray.config import (
     to_dict,
 )
 from zephyr_ray.generation import chat
+from zephyr_ray.publish import PUSH_RECORD, publish_pipeline, push_lines
 from zephyr_ray.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,9 @@ def _last(metrics_file: Path, held_out: tuple[str, ...] = ()) -> dict[str, Any]:
 def _trained(r: Any) -> dict[str, Any]:
     """A training stage's artifacts (a :class:`~zephyr_ray.train.launch.StageResult`)."""
     out = r.output_dir.absolute()
+    push = json.loads((out / PUSH_RECORD).read_text()) if (out / PUSH_RECORD).is_file() else None  # run.push_to_hub
     return {"model": str(r.model_dir.absolute()), "metrics": str(out / "metrics.jsonl"),
-            "curves": str(out / "curves.png"), "chat_template": r.chat_template}
+            "curves": str(out / "curves.png"), "chat_template": r.chat_template, **({"push": push} if push else {})}
 
 
 def _stage_sft(cfg: PipelineRecipe, run_dir: Path, m: Manifest) -> dict[str, Any]:
@@ -258,6 +260,8 @@ def summarize(m: Manifest) -> dict[str, Any]:
                       **{k: last[k] for k in DPO_EVAL if k in last}}
     if m.data.get("chat"):
         out["chat"] = m.data["chat"]
+    if m.data.get("push"):
+        out["push"] = m.data["push"]
     if stages["eval"]["status"] == "done":
         results = json.loads(Path(m.artifact("eval", "results")).read_text())
         mt = results.get("mt_bench", {})
@@ -321,6 +325,7 @@ def summary_table(summary: dict[str, Any]) -> str:
             lines.append("  LC win rate n/a: " + "; ".join(f"{n}: {why}" for n, why in reasons.items()))
     for turn in summary.get("chat", []):
         lines.append(f"chat (dDPO model)\n  user: {turn['user']}\n  assistant: {turn['assistant']}")
+    lines += push_lines(summary.get("push"))
     return "\n".join(lines)
 
 
@@ -365,7 +370,8 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
         stage.update(status="running", started=_now(), attempts=stage.get("attempts", 0) + 1)
         stage.pop("error", None)
         manifest.save()
-        if name == "serve":  # serving blocks until Ctrl-C: write the summary first
+        if name == "serve":  # serving blocks until Ctrl-C: publish and write the summary first
+            _publish(cfg, manifest, echo)
             _write_summary(manifest, run_dir, echo)
         started = time.perf_counter()
         try:
@@ -384,6 +390,7 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
         manifest.data["chat"] = chat(manifest.artifact("dpo", "model"), cfg.pipeline.chat_prompts,
                                      cfg.pipeline.chat_max_new_tokens, cfg.serve.engine.precision)
         manifest.save()
+    _publish(cfg, manifest, echo)
     summary = _write_summary(manifest, run_dir, echo)
     if manifest.stage("dpo")["status"] == "done" and "serve" not in manifest.data["stages"]:
         model = manifest.artifact("dpo", "model")
@@ -391,6 +398,18 @@ def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None
              f"serve it: zephyr-ray serve --config {cfg.recipes.get('serve', '<serve recipe>')} engine.path={model}")
     echo(f"pipeline run finished: {run_dir}")
     return PipelineResult(run_dir, manifest.data, summary)
+
+
+def _publish(cfg: PipelineRecipe, manifest: Manifest, echo: Callable[[str], None]) -> None:
+    """``pipeline.push_to_hub``: the dDPO model (card with the evaluation table) and the AIF pairs, once the dDPO
+    model exists; recorded as the manifest's ``push``. Never raises; a failed push is retried by ``--resume``."""
+    push = cfg.pipeline.push_to_hub
+    if not push.enabled or manifest.stage("dpo")["status"] != "done" or \
+            (manifest.data.get("push") or {}).get("status") == "done":
+        return
+    echo(f"publishing to the Hub: {push.repo_id} (revision {push.revision})")
+    manifest.data["push"] = publish_pipeline(push, to_dict(cfg), manifest.data["stages"], summarize(manifest))
+    manifest.save()
 
 
 def _write_summary(manifest: Manifest, run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import X`` is the one import path. This package sits low in the layers: it impor
 from zephyr_ray.config.aif import AIFRecipe, JudgeConfig
 from zephyr_ray.config.common import (
     DEFAULT_DATA_PATH,
+    HUB_REPO_ID,
     ActorPoolConfig,
     DataConfig,
     DeepSpeedConfig,
@@ -17,6 +18,7 @@ from zephyr_ray.config.common import (
     MixtureSource,
     ModelConfig,
     PromptsConfig,
+    PushToHubConfig,
     RunConfig,
     ScalingConfig,
     TrainConfig,
@@ -64,11 +66,11 @@ RECIPES: dict[str, type] = {"sft": SFTRecipe, "dpo": DPORecipe, "generate": Gene
                             "leaderboard": LeaderboardRecipe, "serve": ServeRecipe, "pipeline": PipelineRecipe}
 
 __all__ = [
-    "DEFAULT_DATA_PATH", "MixtureSource", "MMLU_DESCRIPTION", "MT_BENCH_CATEGORIES", "MT_BENCH_TEMPERATURES", "PIPELINE_STAGES", "PROJECT_ROOT", "RECIPES",
+    "DEFAULT_DATA_PATH", "HUB_REPO_ID", "MixtureSource", "MMLU_DESCRIPTION", "MT_BENCH_CATEGORIES", "MT_BENCH_TEMPERATURES", "PIPELINE_STAGES", "PROJECT_ROOT", "RECIPES",
     "TINY_FAMILY_NAMES", "AIFRecipe", "ActorPoolConfig", "AlpacaEvalConfig", "AutoscalingConfig", "ConfigError",
     "DPOConfig", "DPORecipe", "DataConfig", "DeepSpeedConfig", "DistillConfig", "EngineConfig", "EvalJudgeConfig",
     "EvalRecipe", "GenerateRecipe", "JudgeConfig", "LeaderboardRecipe", "LeaderboardTaskConfig", "LoRAConfig",
-    "MTBenchConfig", "ModelConfig", "PipelineConfig", "PipelineRecipe", "PromptsConfig", "ReferenceConfig",
+    "MTBenchConfig", "ModelConfig", "PipelineConfig", "PipelineRecipe", "PromptsConfig", "PushToHubConfig", "ReferenceConfig",
     "RunConfig", "SFTRecipe", "SamplingParams", "ScalingConfig", "SelfInstructRecipe", "ServeConfig", "ServeRecipe",
     "TrainConfig", "TrainingRecipe", "WandbConfig", "chained_aif", "chained_eval", "choice", "from_dict",
     "load_config", "resolve_path", "to_dict", "trained_engine", "usable_name", "validate",

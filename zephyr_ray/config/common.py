@@ -3,6 +3,7 @@ generation engine, a prompt set and a frozen-model actor pool."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +225,47 @@ class ScalingConfig:
     threads_per_worker: int | None = None
 
 
+# A Hub repo id: owner/name, each part starting and ending with a letter or digit (the Hub's rule).
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
+
+
+@dataclass
+class PushToHubConfig:
+    """Publishing to the Hugging Face Hub (``zephyr_ray/publish.py``): clusters are torn down after a run, so the
+    model (with a generated model card) goes to a repo. The client reads ``HF_TOKEN`` and ``HF_ENDPOINT``; a
+    failed push never loses the local result (it is recorded as ``push: {status: failed, error}``)."""
+
+    enabled: bool = False
+    # Target model repo, ``owner/name`` (required when enabled).
+    repo_id: str | None = None
+    # Create the repo private (ignored when it exists already).
+    private: bool = True
+    # Branch to commit to; created from main when missing.
+    revision: str = "main"
+    # Commit summary; None = "zephyr-ray: <stage> model from <output folder>".
+    commit_message: str | None = None
+    # pipeline.push_to_hub only: the AIF preference pairs' dataset repo; None = ``<repo_id>-aif-pairs``.
+    dataset_repo_id: str | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for values no choice list can judge: checked at load time."""
+        if not self.enabled:
+            return []
+        out = []
+        shape = "must name a Hub repo as owner/name (letters, digits, '-', '_', '.')"
+        if not self.repo_id:
+            out.append(("repo_id", "required with push_to_hub.enabled: " + shape))
+        elif not HUB_REPO_ID.fullmatch(self.repo_id):
+            out.append(("repo_id", shape))
+        if self.dataset_repo_id is not None and not HUB_REPO_ID.fullmatch(self.dataset_repo_id):
+            out.append(("dataset_repo_id", shape))
+        if not self.revision.strip():
+            out.append(("revision", "must name a branch (e.g. main)"))
+        if self.commit_message is not None and not self.commit_message.strip():
+            out.append(("commit_message", "must not be empty (None = generated)"))
+        return out
+
+
 @dataclass
 class RunConfig:
     name: str = "sft"
@@ -232,6 +274,8 @@ class RunConfig:
     # Ray Train storage for checkpoints; must be shared (NFS or s3://) on a multi-node cluster.
     storage_path: str | None = None
     max_failures: int = 0
+    # Training stages (dSFT, dDPO): push the exported model and its card to the Hub when the stage ends.
+    push_to_hub: PushToHubConfig = field(default_factory=PushToHubConfig)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from zephyr_ray.config.aif import AIFRecipe
-from zephyr_ray.config.common import EngineConfig, WandbConfig
+from zephyr_ray.config.common import EngineConfig, PushToHubConfig, WandbConfig
 from zephyr_ray.config.dpo import DPORecipe
 from zephyr_ray.config.eval import EvalRecipe
 from zephyr_ray.config.serve import ServeRecipe
@@ -25,6 +25,8 @@ class PipelineConfig:
     # answers close the printed summary and summary.json ("chat"), a first look at what the recipe made.
     chat_prompts: list[str] = field(default_factory=list)
     chat_max_new_tokens: int = 48
+    # At the end: the dDPO model with a card holding the evaluation table, and the AIF pairs as a dataset repo.
+    push_to_hub: PushToHubConfig = field(default_factory=PushToHubConfig)
 
 
 @dataclass

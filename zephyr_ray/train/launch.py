@@ -139,6 +139,7 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     ``curves.png``."""
     from zephyr_ray.data.pipeline import plan, stage_dataset
     from zephyr_ray.models import chat_template_source, resolve_model_path
+    from zephyr_ray.publish import push_stage
     from zephyr_ray.tracking import read_metrics
     from zephyr_ray.train.curves import plot_curves
 
@@ -183,5 +184,6 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
     metrics = read_metrics(out)
     plot_curves(metrics, curves, out / "curves.png", title=f"{cfg.run.name}: training curves")
     log.info("%s done: model in %s", cfg.run.name, (out / "model").absolute())
+    push_stage(cfg, out)  # run.push_to_hub: never raises; the outcome goes to out/push.json
     return StageResult(out, out / "model", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {},
                        template)
