@@ -40,7 +40,7 @@ def log_summary_run(wandb_cfg: WandbConfig, run_name: str, out_dir: str | Path, 
     from the driver. False when W&B is off."""
     if not wandb_cfg.enabled or wandb_mode(wandb_cfg) == "disabled":
         return False
-    import wandb
+    import wandb  # 1-2 s to import: only when W&B is on
 
     run = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, name=run_name, dir=str(out_dir),
                      mode=wandb_mode(wandb_cfg), config=config, reinit="create_new")
@@ -72,7 +72,7 @@ class MetricsLogger:
         self._file = self.path.open("a")
         self._wandb = None
         if wandb_cfg.enabled and wandb_mode(wandb_cfg) != "disabled":
-            import wandb
+            import wandb  # 1-2 s to import: only when W&B is on
 
             id_file = Path(out_dir) / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
