@@ -69,8 +69,9 @@ def run_actors(rows: list[dict], teacher: str, pad_id: int, k: int, work: Path) 
 
     from zephyr_ray.config import SFTRecipe, load_config
     from zephyr_ray.data.sft import sft_schema
-    from zephyr_ray.train.distill import TEACHER_IDS, TEACHER_LOGPS, TeacherTopK
+    from zephyr_ray.train.distill import TeacherTopK
     from zephyr_ray.train.frozen import frozen_pass
+    from zephyr_ray.train.objectives import TEACHER_IDS, TEACHER_LOGPS
 
     pool = load_config(ROOT / "configs" / "tiny" / "sft_distill.yaml", [], SFTRecipe).distill
     target = work / f"teacher_topk_k{k}_{time.time_ns()}"

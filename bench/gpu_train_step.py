@@ -3,7 +3,7 @@
 Needs only torch, transformers and numpy: no Ray, no DeepSpeed. From our package it uses the pure pieces the
 real step uses: ``zephyr_ray.data.packing`` (best-fit-decreasing packing, ``collate`` with restarting
 ``position_ids``) and ``zephyr_ray.train.losses`` (``label_logits`` + ``token_nll_sum`` for SFT, ``sequence_logps``
-+ ``preference_loss`` for DPO), and ``zephyr_ray.train.dpo.collate_pairs`` when it imports (it needs omegaconf;
++ ``preference_loss`` for DPO), and ``zephyr_ray.train.objectives.collate_pairs`` when it imports (it needs omegaconf;
 a copy is used otherwise). The script checks that none of this pulled in ray or deepspeed.
 
 The SFT step is what ``SFTObjective.loss`` + the loop do per optimizer step with one micro-batch: forward on
@@ -46,9 +46,9 @@ import torch  # noqa: E402
 from zephyr_ray.data.packing import collate, pack_sequences  # noqa: E402
 from zephyr_ray.data.tokenize import IGNORE_INDEX  # noqa: E402
 from zephyr_ray.train import losses  # noqa: E402
-from zephyr_ray.train.dpo import collate_pairs  # noqa: E402  (imports neither Ray, DeepSpeed nor omegaconf)
+from zephyr_ray.train.objectives import collate_pairs  # noqa: E402  (imports neither Ray, DeepSpeed nor omegaconf)
 
-PAIRS_FROM = "zephyr_ray.train.dpo.collate_pairs"
+PAIRS_FROM = "zephyr_ray.train.objectives.collate_pairs"
 
 HEAVY = sorted(m for m in ("ray", "deepspeed") if sys.modules.get(m) is not None)
 HAS_KEEP = all(hasattr(losses, f) for f in ("label_logits", "sequence_logps", "preference_loss"))

@@ -227,7 +227,7 @@ def pair_logps(model: Any, tokenizer: Any, pairs: Sequence[dict], max_length: in
 
     from zephyr_ray.attention import trains_one_row
     from zephyr_ray.data.preference import tokenize_pair, truncate_pair, validate_pair
-    from zephyr_ray.train.dpo import collate_pairs, forward_logps
+    from zephyr_ray.train.objectives import collate_pairs, forward_logps
 
     ids = [truncate_pair(tokenize_pair(tokenizer, validate_pair(p)), max_length, max_prompt_length)[0] for p in pairs]
     one_row = trains_one_row(model, True)

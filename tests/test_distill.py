@@ -19,13 +19,7 @@ from zephyr_ray.data.samples import sample_dialogues
 from zephyr_ray.data.sft import sft_examples, sft_schema
 from zephyr_ray.data.tokenize import IGNORE_INDEX
 from zephyr_ray.tracking import read_metrics
-from zephyr_ray.train.distill import (
-    TEACHER_IDS,
-    TEACHER_LOGPS,
-    DistillObjective,
-    TeacherTopK,
-    teacher_prepare,
-)
+from zephyr_ray.train.distill import TeacherTopK, teacher_prepare
 from zephyr_ray.train.losses import (
     distillation_loss,
     divergence,
@@ -34,7 +28,7 @@ from zephyr_ray.train.losses import (
     teacher_topk,
     topk_buckets,
 )
-from zephyr_ray.train.sft import SFTObjective
+from zephyr_ray.train.objectives import TEACHER_IDS, TEACHER_LOGPS, DistillObjective, SFTObjective
 
 from .conftest import ROOT
 

@@ -13,7 +13,7 @@ from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.preference import tokenize_pair, validate_pair
 from zephyr_ray.data.samples import sample_preferences
 from zephyr_ray.tracking import read_metrics
-from zephyr_ray.train.dpo import collate_pairs, forward_logps
+from zephyr_ray.train.objectives import collate_pairs, forward_logps
 
 from .conftest import ROOT, shared_file
 from .wandb_records import read_offline_run

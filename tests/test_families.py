@@ -39,8 +39,8 @@ from zephyr_ray.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from zephyr_ray.train.dpo import collate_pairs, forward_logps
 from zephyr_ray.train.losses import label_logits, packed_inputs, preference_loss
+from zephyr_ray.train.objectives import collate_pairs, forward_logps
 
 from .conftest import ROOT
 from .test_generation import CONVERSATIONS, alone, expected, spy_generate

@@ -391,7 +391,8 @@ def test_kill9_of_a_reference_logprob_actor_loses_no_pair_and_repeats_none(ray_c
     from zephyr_ray.data.preference import preference_examples, preference_schema
     from zephyr_ray.data.readers import read_rows
     from zephyr_ray.data.samples import sample_preferences
-    from zephyr_ray.train.dpo import REF_COLUMNS, precompute_reference
+    from zephyr_ray.train.dpo import precompute_reference
+    from zephyr_ray.train.objectives import REF_COLUMNS
 
     pairs = write_jsonl(sample_preferences(400, seed=3), tmp_path / "prefs.jsonl")
     cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [f"model.path={tiny_model}", f"data.path={pairs}",

@@ -14,7 +14,6 @@ from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.samples import sample_preferences
 from zephyr_ray.models import load_model
 from zephyr_ray.tracking import read_metrics
-from zephyr_ray.train.dpo import DPOObjective, collate_pairs, forward_logps
 from zephyr_ray.train.lora import (
     ADAPTER_DIR,
     add_adapters,
@@ -22,6 +21,7 @@ from zephyr_ray.train.lora import (
     save_merged,
     without_adapters,
 )
+from zephyr_ray.train.objectives import DPOObjective, collate_pairs, forward_logps
 
 from .test_dpo import _cfg, _columns, _pairs
 

@@ -18,7 +18,7 @@ from zephyr_ray.data.packing import pack_sequences
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
 from zephyr_ray.generation.types import SamplingParams
 from zephyr_ray.models import load_model
-from zephyr_ray.train.sft import SFTObjective
+from zephyr_ray.train.objectives import SFTObjective
 
 from .conftest import ROOT
 

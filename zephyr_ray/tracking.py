@@ -76,7 +76,7 @@ def log_summary_run(wandb_cfg: WandbConfig, run_name: str, out_dir: str | Path, 
     run = start_run(wandb_cfg, run_name, out_dir, config, reinit="create_new")
     if run is None:
         return False
-    import wandb
+    import wandb  # 1-2 s to import: only when W&B is on
 
     try:
         metrics: dict[str, Any] = numeric_leaves(summary)

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 # Panels per stage: each panel plots these metric keys against the step (keys a run lacks are left out); the
 # held-out eval_ values (data.eval_path / eval_fraction) share their training value's panel.
 SFT_PANELS: tuple[tuple[str, ...], ...] = (("loss", "eval_loss"), ("lr",), ("grad_norm",), ("tokens_per_s",),
@@ -19,9 +22,6 @@ DPO_PANELS: tuple[tuple[str, ...], ...] = (("loss", "eval_loss"), ("rewards/accu
 def plot_curves(metrics: Sequence[dict[str, Any]], panels: Sequence[Sequence[str]], path: str | Path,
                 title: str) -> Path | None:
     """One subplot per panel in a row-major grid of two columns; None when no panel has a value to plot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     series = []
     for keys in panels:
         lines = {k: [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), int | float)] for k in keys}

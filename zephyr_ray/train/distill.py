@@ -4,39 +4,36 @@ Before training, Ray actors hosting the teacher stream the packed training rows 
 whose next token is trained, the teacher's top-k token ids and log-probs (``frozen_pass``: Parquet in the run
 folder, reused by a rerun with the same settings). The workers train on exactly those rows and never hold the
 teacher. Teacher and student must share a tokenizer: the teacher's ids index the student's logits.
+
+This is the driver side (the tokenizer check, the teacher's pass); the workers' objective is
+``objectives.DistillObjective``.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from zephyr_ray.attention import allows_one_row
-from zephyr_ray.config import ConfigError, DistillConfig, SFTRecipe
+from zephyr_ray.config import ConfigError, SFTRecipe, to_dict
 from zephyr_ray.data.packing import collate
-from zephyr_ray.models import DTYPES
+from zephyr_ray.data.tokenize import cached_tokenizer
+from zephyr_ray.models import DTYPES, resolve_model_path
 from zephyr_ray.train.frozen import FrozenModel, frozen_pass, pass_dir
-from zephyr_ray.train.losses import distillation_loss, label_logits, teacher_topk
-from zephyr_ray.train.objectives import SFTObjective
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-# Per row, flattened over its trained positions in order: (positions x top_k) ids and log-probs.
-TEACHER_IDS, TEACHER_LOGPS = "teacher_topk_ids", "teacher_topk_logps"
+from zephyr_ray.train.losses import label_logits, teacher_topk
+from zephyr_ray.train.objectives import TEACHER_IDS, TEACHER_LOGPS
 
 
 def tokenizer_differences(teacher: str, student: str, revision: str | None = None,
                           trust_remote_code: bool = False) -> list[str]:
     """What keeps ``teacher`` from scoring ``student``'s token ids as its own: another vocabulary (token → id,
     added tokens included), other BOS/EOS/UNK ids, or an output wider than the student's logits."""
-    from transformers import AutoTokenizer
-
     tok = {name: AutoTokenizer.from_pretrained(path, revision=rev, trust_remote_code=trust_remote_code)
            for name, path, rev in (("teacher", teacher, None), ("student", student, revision))}
     out = []
@@ -58,8 +55,6 @@ def tokenizer_differences(teacher: str, student: str, revision: str | None = Non
 
 def output_size(path: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
     """How many logits the model at ``path`` has per position (its config's vocab_size)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     return config.get_text_config().vocab_size
 
@@ -86,8 +81,6 @@ class TeacherTopK(FrozenModel):
         self.pad_id, self.top_k, self.temperature = pad_id, top_k, temperature
 
     def columns(self, rows: dict[str, list]) -> dict[str, pa.Array]:
-        import pyarrow as pa
-
         flat = allows_one_row(self.model)
         batch = collate(rows, self.pad_id, one_row=flat)
         logits, _, keep = label_logits(self.model, self.on_device(batch))
@@ -103,9 +96,6 @@ def add_teacher_topk(dataset: Any, model_path: str, out: Path, split: str = "tra
                      cfg: SFTRecipe) -> Any:
     """``run_stage``'s ``prepare``: the training rows with the teacher's top-k, under ``out/teacher_topk`` (the
     held-out rows, ``split="eval"``: ``out/teacher_topk_eval``)."""
-    from zephyr_ray.config import to_dict
-    from zephyr_ray.data.tokenize import cached_tokenizer
-
     d = cfg.distill
     kwargs = {"path": teacher, "pad_id": cached_tokenizer(model_path).pad_token_id, "top_k": d.top_k,
               "temperature": d.temperature, "dtype": DTYPES[cfg.train.precision],
@@ -119,33 +109,9 @@ def add_teacher_topk(dataset: Any, model_path: str, out: Path, split: str = "tra
 def teacher_prepare(cfg: SFTRecipe) -> Any:
     """The ``prepare`` step of a distilling dSFT run, after checking on the driver (before any work) that the
     teacher shares the student's tokenizer. A tiny teacher (``teacher_tiny_seed``) is built under the run folder."""
-    from zephyr_ray.models import resolve_model_path
-
     out = Path(cfg.run.output_dir)
     student = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed, cfg.model.tiny_arch)
     teacher = resolve_model_path(cfg.distill.teacher, out / "teacher", cfg.distill.teacher_tiny_seed,
                                  cfg.model.tiny_arch)
     check_teacher(teacher, student, cfg)
     return functools.partial(add_teacher_topk, teacher=teacher, cfg=cfg)
-
-
-@dataclass
-class DistillObjective(SFTObjective):
-    """dSFT's objective with the teacher's top-k columns carried into each batch and the distillation term."""
-
-    cfg: DistillConfig
-
-    def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = super().collate(batch)
-        for col, dtype in ((TEACHER_IDS, np.int64), (TEACHER_LOGPS, np.float32)):
-            out[col] = torch.from_numpy(np.concatenate(batch[col]).astype(dtype)).view(-1, self.cfg.top_k)
-        return out
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, targets, _ = label_logits(model, batch)
-        if len(batch[TEACHER_IDS]) != len(logits):
-            raise RuntimeError(f"{len(batch[TEACHER_IDS])} teacher positions for {len(logits)} trained positions: "
-                               "the teacher's columns were computed on other rows")
-        c = self.cfg
-        return distillation_loss(logits, targets, batch[TEACHER_IDS], batch[TEACHER_LOGPS], loss=c.loss,
-                                 beta=c.jsd_beta, temperature=c.temperature, alpha=c.alpha)

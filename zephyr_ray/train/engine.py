@@ -12,7 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from zephyr_ray.config import DeepSpeedConfig, ModelConfig, TrainConfig, resolve_path
+from zephyr_ray.models import DTYPES, load_model
+from zephyr_ray.train.lora import add_adapters, peft_model, quantization_config, save_merged
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
@@ -77,19 +81,16 @@ def build_engine(model_path: str, train: TrainConfig, ds_cfg: dict[str, Any], to
     revision, remote code, LoRA), with AdamW and the configured schedule. Under ZeRO-3 the weights load straight
     into partitions (never whole per rank). With ``model_cfg.lora.enabled`` the model gets adapters first
     (``train/lora.py``; ZeRO-3 partitions them at ``deepspeed.initialize``) and only they reach the optimizer."""
+    # Only training workers build engines: DeepSpeed (~1 s to import, and an accelerator probe that logs) stays
+    # out of the driver and of everything else that imports this module.
     import deepspeed
-    import torch
     from transformers.integrations import HfDeepSpeedConfig
-
-    from zephyr_ray.train.lora import add_adapters, quantization_config
 
     model_cfg = model_cfg or ModelConfig()
     lora = model_cfg.lora
     deepspeed.init_distributed()  # adopts Ray Train's process group; HfDeepSpeedConfig needs the world size
     keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds_cfg)) if zero_stage(ds_cfg) == 3 else None  # noqa: F841
     if model is None:
-        from zephyr_ray.models import DTYPES, load_model
-
         dtype = getattr(torch, DTYPES[train.precision])
         model = load_model(model_path, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
                            revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
@@ -103,7 +104,7 @@ def build_engine(model_path: str, train: TrainConfig, ds_cfg: dict[str, Any], to
     groups = param_groups(model, train.weight_decay)
     betas = (train.adam_beta1, train.adam_beta2)
     if "offload_optimizer" in ds_cfg.get("zero_optimization", {}):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # with deepspeed above
 
         optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, betas=betas, eps=train.adam_eps)
     else:
@@ -120,10 +121,6 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, is_rank0: bool) 
     """Write a ``save_pretrained`` folder (safetensors); ZeRO-3 shards are gathered first. All ranks call.
     With LoRA only the adapters are kept, and the folder holds them merged into the base
     (``lora.save_merged``; the adapters alone in ``adapter/``)."""
-    import torch
-
-    from zephyr_ray.train.lora import peft_model, save_merged
-
     lora = peft_model(engine) is not None
     if engine.zero_optimization_stage() == 3:
         # collective; the full dict (LoRA: the adapters) lands on rank 0

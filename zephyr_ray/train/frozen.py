@@ -12,26 +12,16 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pyarrow as pa
+import ray.data
 import torch
 
 from zephyr_ray.config import ActorPoolConfig
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-    import ray.data
+from zephyr_ray.train.objectives import load_frozen
 
 log = logging.getLogger(__name__)
-
-
-def load_frozen(path: str, device: Any, dtype: torch.dtype, attn: str) -> Any:
-    """The model at ``path`` in eval mode with gradients off."""
-    from zephyr_ray.models import load_model
-
-    model = load_model(path, dtype=dtype, attn_implementation=attn).to(device).eval()
-    model.requires_grad_(False)
-    return model
 
 
 class FrozenModel:
@@ -81,8 +71,6 @@ def frozen_pass(dataset: ray.data.Dataset, actor: type[FrozenModel], kwargs: dic
     training then streams from there. ``target/_SUCCESS`` records ``fingerprint`` (everything the columns depend
     on), the pass's seconds and each part's size: a rerun reuses the folder only if the fingerprint still matches
     and no part was cut off since; otherwise (or for a half-written folder) it is cleared and redone."""
-    import ray.data
-
     done = target / "_SUCCESS"
     record = _read_success(done)
     if record.get("fingerprint") == fingerprint and record.get("files") == _part_sizes(target):

@@ -1,4 +1,5 @@
-"""Driver side of a training stage: connect to Ray, size the run, start the TorchTrainer."""
+"""Driver side of a training stage: connect to Ray, size the run, start the TorchTrainer with the stage's
+description (``loop.Stage``), which every worker turns back into the typed recipe and its objective."""
 
 from __future__ import annotations
 
@@ -10,9 +11,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import ray
+import ray.train
+from ray.data import ExecutionOptions
+from ray.train.torch import TorchTrainer
+
 from zephyr_ray.cluster import ensure_ray, open_run
-from zephyr_ray.config import DataConfig, TrainingRecipe, resolve_path, to_dict
-from zephyr_ray.train.loop import StepPlan, extensions_cache, ray_storage
+from zephyr_ray.config import DataConfig, TrainingRecipe, resolve_path
+from zephyr_ray.data.pipeline import plan, stage_dataset
+from zephyr_ray.data.readers import read_rows
+from zephyr_ray.data.split import split_held_out
+from zephyr_ray.models import chat_template_source, resolve_model_path
+from zephyr_ray.publish import push_stage
+from zephyr_ray.tracking import read_metrics
+from zephyr_ray.train.curves import plot_curves
+from zephyr_ray.train.loop import Stage, StepPlan, extensions_cache, ray_storage, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +47,6 @@ def plan_steps(train_rows: int, world: int, cfg: TrainingRecipe) -> tuple[StepPl
 def held_out_rows(rows: Any, data: DataConfig) -> tuple[Any, Any, str | None]:
     """(training rows, held-out raw rows or None, where the held-out rows come from) per ``data.eval_path`` /
     ``data.eval_fraction``."""
-    from zephyr_ray.data.readers import read_rows
-    from zephyr_ray.data.split import split_held_out
-
     if data.eval_path:
         split = data.eval_split or data.split
         held = read_rows(resolve_path(data.eval_path), data.format, split, data.limit)
@@ -78,9 +89,6 @@ def eval_shares(dataset: Any, world: int) -> list[tuple[Any, bool]]:
     """The stage's held-out rows (tokenized, with any precomputed columns), gathered once on the driver and dealt
     round-robin to ``world`` ranks: one object-store table per rank, each row in exactly one share. A rank left
     without a row gets a stand-in row and ``False`` (it runs the forward passes, its sums count 0)."""
-    import pyarrow as pa
-    import ray
-
     blocks = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(blocks) if blocks else None
     if table is None or table.num_rows == 0:
@@ -92,31 +100,28 @@ def eval_shares(dataset: Any, world: int) -> list[tuple[Any, bool]]:
     return shares
 
 
-def fit(train_fn: Callable[[dict[str, Any]], None], cfg: TrainingRecipe, dataset: Any, model_path: str, plan: StepPlan,
-        eval_data: list[tuple[Any, bool]] | None = None) -> Any:
-    """Run ``train_fn`` on ``cfg.scaling`` workers, streaming ``dataset`` into them (order preserved, so a
-    restart sees the same shard order and can skip exactly what it had trained on); ``eval_data``
-    (``eval_shares``) reaches each worker as its share of the held-out rows."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def fit(cfg: TrainingRecipe, stage: Stage, dataset: Any) -> Any:
+    """Run the one generic ``train_loop_per_worker`` on ``cfg.scaling`` workers with ``stage`` (the recipe, start
+    model, step plan and held-out shares it rebuilds everything from), streaming ``dataset`` into them (order
+    preserved, so a restart sees the same shard order and can skip exactly what it had trained on)."""
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     storage = ray_storage(cfg)
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={"recipe": to_dict(cfg), "plan": plan.__dict__, "model_path": model_path, "eval": eval_data},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
+        train_loop_per_worker,
+        train_loop_config={"stage": stage},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": extensions_cache()}},
         ),
         datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
 
@@ -131,18 +136,13 @@ class StageResult:
     chat_template: str = ""
 
 
-def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn: Callable[[dict[str, Any]], None],
-              curves: Sequence[Sequence[str]], prepare: Callable[..., Any] | None = None) -> StageResult:
+def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, curves: Sequence[Sequence[str]],
+              prepare: Callable[..., Any] | None = None) -> StageResult:
     """A training stage end to end: resolve the model, plan the data on the cluster (validating every
-    row), optionally ``prepare`` the stream (e.g. add reference log-probs; ``split="eval"`` for the held-out
-    rows), train (evaluating on the held-out rows, if any), export, plot ``curves`` (panels of metric keys) to
-    ``curves.png``."""
-    from zephyr_ray.data.pipeline import plan, stage_dataset
-    from zephyr_ray.models import chat_template_source, resolve_model_path
-    from zephyr_ray.publish import push_stage
-    from zephyr_ray.tracking import read_metrics
-    from zephyr_ray.train.curves import plot_curves
-
+    row; ``examples`` turns raw rows into ``schema``'s), optionally ``prepare`` the stream (the frozen pass: e.g.
+    add reference log-probs; ``split="eval"`` for the held-out rows), train (the workers rebuild ``cfg`` and its
+    objective from a ``loop.Stage``; evaluating on the held-out rows, if any), export, plot ``curves`` (panels of
+    metric keys) to ``curves.png``."""
     cfg, out = open_run(cfg)
     log.info("%s run directory: %s", cfg.run.name, out.absolute())
     model_path = resolve_model_path(cfg.model.path, out, cfg.model.tiny_seed, cfg.model.tiny_arch)
@@ -180,7 +180,7 @@ def run_stage(cfg: TrainingRecipe, *, examples: Callable, schema: Any, train_fn:
             eval_dataset = prepare(eval_dataset, model_path, out, split="eval")
         eval_data = eval_shares(eval_dataset, cfg.scaling.num_workers)
     log.info("training %d steps on %d workers", step_plan.total_steps, cfg.scaling.num_workers)
-    fit(train_fn, cfg, dataset, model_path, step_plan, eval_data)
+    fit(cfg, Stage.of(cfg, model_path, step_plan, eval_data), dataset)
     metrics = read_metrics(out)
     plot_curves(metrics, curves, out / "curves.png", title=f"{cfg.run.name}: training curves")
     log.info("%s done: model in %s", cfg.run.name, (out / "model").absolute())

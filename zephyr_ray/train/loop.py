@@ -1,7 +1,9 @@
 """The training loop every stage runs inside its Ray Train workers.
 
-A stage supplies an :class:`Objective` (how to collate a batch, how many loss units it holds, and the
-summed loss); the loop owns streaming, accumulation, normalisation, metrics, checkpoints and resume.
+The driver (``launch.run_stage``) hands Ray's ``TorchTrainer`` one picklable :class:`Stage`; the one
+``train_loop_per_worker`` here rebuilds the stage's typed recipe from it, and from the recipe the engine and the
+stage's :class:`~zephyr_ray.train.objectives.Objective` (how to collate a batch, how many loss units it holds,
+and the summed loss). The loop owns streaming, accumulation, normalisation, metrics, checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import pyarrow.fs
+import ray
+import ray.train
 import torch
 import torch.distributed as dist
 
-from zephyr_ray.config import TrainingRecipe
+from zephyr_ray.attention import trains_one_row
+from zephyr_ray.config import DPORecipe, SFTRecipe, TrainingRecipe, from_dict, to_dict
+from zephyr_ray.data.tokenize import cached_tokenizer
+from zephyr_ray.models import load_tokenizer
+from zephyr_ray.tracking import MetricsLogger
+from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
+from zephyr_ray.train.objectives import Objective, build_objective
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"
@@ -46,15 +57,32 @@ class StepPlan:
     micro_batches_per_epoch: int
 
 
-class Objective(Protocol):
-    def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Numpy rows from Ray Data → tensors (plus ``sample_ids`` and ``num_tokens``)."""
+# The training stages by kind: the typed recipe a worker rebuilds from a :class:`Stage`.
+RECIPES: dict[str, type[TrainingRecipe]] = {"sft": SFTRecipe, "dpo": DPORecipe}
 
-    def units(self, batch: dict[str, Any]) -> int:
-        """How many loss terms (tokens, pairs) the batch contributes to the step's mean."""
 
-    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Summed loss over the batch's units, and summed extra metrics (averaged by the loop)."""
+@dataclass(frozen=True)
+class Stage:
+    """Everything a training worker needs, passed once to the ``TorchTrainer``: which stage (``kind``, a key of
+    ``RECIPES``) with which values (``recipe``: the plain dict, rebuilt and validated on the worker), the model
+    it starts from, the driver's step plan and each rank's share of the held-out rows (``launch.eval_shares``)."""
+
+    kind: str
+    recipe: dict[str, Any]
+    model_path: str
+    plan: StepPlan
+    eval_shares: list[tuple[Any, bool]] | None = None
+
+    @classmethod
+    def of(cls, cfg: TrainingRecipe, model_path: str, plan: StepPlan,
+           eval_shares: list[tuple[Any, bool]] | None = None) -> Stage:
+        kinds = [kind for kind, schema in RECIPES.items() if type(cfg) is schema]
+        if not kinds:
+            raise TypeError(f"{type(cfg).__name__} is not a training stage's recipe ({sorted(RECIPES)})")
+        return cls(kinds[0], to_dict(cfg), model_path, plan, eval_shares)
+
+    def typed_recipe(self) -> TrainingRecipe:
+        return from_dict(self.recipe, RECIPES[self.kind])
 
 
 def _all_sum(values: list[float], device: Any) -> list[float]:
@@ -90,16 +118,12 @@ def checkpoint_root(cfg: TrainingRecipe) -> str:
 
 def checkpoint_storage(root: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path) of the checkpoint folder ``root`` (a local path or a URI such as s3://)."""
-    import pyarrow.fs
-
     if "://" in root:
         return pyarrow.fs.FileSystem.from_uri(root)
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(root)
 
 
 def _step_dirs(fs: Any, base: str) -> dict[int, str]:
-    import pyarrow.fs
-
     found = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
         name = info.base_name
@@ -109,8 +133,6 @@ def _step_dirs(fs: Any, base: str) -> dict[int, str]:
 
 
 def _files(fs: Any, path: str) -> dict[str, int]:
-    import pyarrow.fs
-
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
     return {i.path[len(path) + 1:]: i.size for i in infos
             if i.type == pyarrow.fs.FileType.File and not i.base_name.startswith((COMPLETE, ".tmp"))}
@@ -118,8 +140,6 @@ def _files(fs: Any, path: str) -> dict[str, int]:
 
 def is_complete(fs: Any, path: str) -> bool:
     """Has the marker, and every file it lists is there with its size (a file cut off later is caught too)."""
-    import pyarrow.fs
-
     marker = f"{path}/{COMPLETE}"
     if fs.get_file_info(marker).type != pyarrow.fs.FileType.File:
         return False
@@ -166,9 +186,6 @@ def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any], r
     report, so a hard kill of one worker loses finished ones): every rank writes its DeepSpeed shards to
     ``root/step_N``, then after a barrier rank 0 writes the ``COMPLETE`` marker (with each file's size) last,
     atomically, and prunes to ``keep``. Only then are the metrics reported."""
-    import pyarrow.fs
-    import ray.train
-
     fs, base = checkpoint_storage(root)
     path = f"{base}/step_{state.step:08d}"
     kwargs = {"tag": DS_TAG, "client_state": {"trainer_state": asdict(state)},
@@ -192,8 +209,6 @@ def restore_checkpoint(engine: Any, root: str) -> TrainerState | None:
     """Load the newest complete checkpoint under ``root`` (rank 0 picks, everyone loads the same one);
     incomplete ones are never loaded, and rank 0 deletes them. One Ray hands back is used only when ``root``
     holds none (a run checkpointed by an older version)."""
-    import ray.train
-
     choice = [newest_complete(root) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     found = choice[0]
@@ -328,24 +343,14 @@ def truncate_trace(trace: Path, step: int) -> None:
         trace.write_text("".join(line + "\n" for line in kept))
 
 
-def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, bool], Objective], schema: type
-               ) -> None:
-    """Body of every stage's ``train_loop_per_worker``: engine, objective (``make_objective(cfg,
-    model_path, device, one_row)``: packed micro-batches as one unpadded row when the model's attention
-    allows it), restore, loop, final export."""
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` of every stage: ``config["stage"]`` (a :class:`Stage`) → the typed
+    recipe → engine, objective (``build_objective``; packed micro-batches as one unpadded row when the model's
+    attention allows it), restore, loop, final export."""
     extensions_cache()
-    import ray
-    import ray.train
-
-    from zephyr_ray.attention import trains_one_row
-    from zephyr_ray.config import from_dict
-    from zephyr_ray.models import load_tokenizer
-    from zephyr_ray.tracking import MetricsLogger
-    from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
-
-    cfg = from_dict(config["recipe"], schema)
-    model_path = config["model_path"]
-    plan = StepPlan(**config["plan"])
+    stage: Stage = config["stage"]
+    cfg = stage.typed_recipe()
+    model_path, plan = stage.model_path, stage.plan
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
@@ -355,7 +360,9 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.train, world)
     engine = build_engine(model_path, cfg.train, ds_cfg, plan.total_steps, cfg.model)
     engine.train()
-    objective = make_objective(cfg, model_path, engine.device, trains_one_row(engine.module, cfg.data.packing))
+    objective = build_objective(cfg, cached_tokenizer(model_path).pad_token_id,
+                                trains_one_row(engine.module, cfg.data.packing), model_path=model_path,
+                                device=engine.device)
     restored = restore_checkpoint(engine, checkpoint_root(cfg))
     state = restored or TrainerState()
     if restored and rank == 0:
@@ -368,11 +375,11 @@ def run_worker(config: dict[str, Any], make_objective: Callable[[Any, str, Any, 
         trace.parent.mkdir(parents=True, exist_ok=True)
         truncate_trace(trace, state.step)
     eval_fn = None
-    if config.get("eval"):  # this rank's share of the held-out rows (launch.eval_shares)
-        ref, counted = config["eval"][rank]
+    if stage.eval_shares:  # this rank's share of the held-out rows (launch.eval_shares)
+        ref, counted = stage.eval_shares[rank]
         batches = eval_batches(ray.get(ref), cfg.train.micro_batch_size)
         eval_fn = functools.partial(evaluate, engine, objective, batches, counted)
-    logger = MetricsLogger(out, cfg.wandb, cfg.run.name, config["recipe"], state.step) if rank == 0 else None
+    logger = MetricsLogger(out, cfg.wandb, cfg.run.name, stage.recipe, state.step) if rank == 0 else None
     try:
         train_epochs(engine, objective, ray.train.get_dataset_shard("train"), cfg, plan, state, restored is not None,
                      logger, trace, eval_fn)

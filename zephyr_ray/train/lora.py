@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BitsAndBytesConfig
 
 from zephyr_ray.config import ConfigError, LoRAConfig
+from zephyr_ray.models import load_model
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # under the exported model folder: peft's adapter_config.json + adapter_model.safetensors
@@ -35,8 +37,6 @@ def quantization_config(lora: LoRAConfig, dtype: torch.dtype) -> Any:
                           "has none: train on GPU workers (scaling.use_gpu=true) or set model.lora.quantize=none")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{key} needs bitsandbytes: pip install 'zephyr-ray[gpu]', or set model.lora.quantize=none")
-    from transformers import BitsAndBytesConfig
-
     if lora.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -53,6 +53,7 @@ def add_adapters(model: Any, lora: LoRAConfig, seed: int, gradient_checkpointing
     is made to require grad, as transformers does for its own peft models: a reentrant checkpoint only
     back-propagates into a block whose input needs grad, and the frozen embeddings give none.
     """
+    # peft takes ~6 s to import: only where adapters are made or read, never by the driver or the maths tests
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
@@ -71,7 +72,7 @@ def add_adapters(model: Any, lora: LoRAConfig, seed: int, gradient_checkpointing
 
 def peft_model(model: Any) -> Any:
     """The peft model inside ``model`` (itself, or a DeepSpeed engine's ``.module``), or None without LoRA."""
-    from peft import PeftModel
+    from peft import PeftModel  # ~6 s to import (see add_adapters)
 
     module = getattr(model, "module", model)
     return module if isinstance(module, PeftModel) else None
@@ -99,9 +100,7 @@ def save_merged(model: Any, adapter_state: dict[str, torch.Tensor], out_dir: str
     QLoRA 4-bit weights (merging into the full-precision base is the usual QLoRA export); the base itself never
     changes in training. ``adapter_state`` holds (at least) the adapters' weights under the module's names.
     """
-    from peft import PeftModel
-
-    from zephyr_ray.models import load_model
+    from peft import PeftModel  # ~6 s to import (see add_adapters)
 
     out = Path(out_dir)
     model.save_pretrained(out / ADAPTER_DIR, state_dict=adapter_state, safe_serialization=True)

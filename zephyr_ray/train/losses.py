@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from zephyr_ray.config import ConfigError
 from zephyr_ray.data.tokenize import IGNORE_INDEX
 
 
@@ -51,8 +52,6 @@ def packed_inputs(model: Any, position_ids: torch.Tensor, dtype: torch.dtype) ->
     if not bool((position_ids[:, 1:] == 0).any()):
         return {}  # one sequence per row (right padding only): the default causal mask is right
     if "attention_mask" not in params:
-        from zephyr_ray.config import ConfigError
-
         name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ConfigError(f"{name} models take neither position_ids nor an attention mask, so packed "
                           "sequences cannot be kept apart; set data.packing=false")

@@ -1,40 +1,21 @@
-"""dSFT: next-token loss on the assistant turns of teacher-written dialogues, on Ray Train + DeepSpeed."""
+"""dSFT recipe: next-token loss on the assistant turns of teacher-written dialogues, on Ray Train + DeepSpeed.
+
+Read top to bottom: the recipe (``SFTRecipe``) → the frozen pass (with ``distill.enabled``, Ray actors hosting
+the teacher add its top-k to the packed rows once; ``train/distill.py``) → ``run_stage`` (Ray Train workers
+rebuild the recipe and its objective, ``objectives.SFTObjective`` or ``DistillObjective``) → the stage's result.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from zephyr_ray.config import SFTRecipe
+from zephyr_ray.data.sft import sft_examples, sft_schema
 from zephyr_ray.train.curves import SFT_PANELS
+from zephyr_ray.train.distill import teacher_prepare
 from zephyr_ray.train.launch import StageResult, run_stage
-from zephyr_ray.train.objectives import SFTObjective
-
-
-def _make_objective(cfg: SFTRecipe, model_path: str, device: Any, one_row: bool) -> SFTObjective:
-    from zephyr_ray.data.tokenize import cached_tokenizer
-
-    pad_id = cached_tokenizer(model_path).pad_token_id
-    if cfg.distill.enabled:
-        from zephyr_ray.train.distill import DistillObjective
-
-        return DistillObjective(pad_id, cfg.distill, one_row=one_row)
-    return SFTObjective(pad_id, one_row=one_row)
-
-
-def sft_train_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the dSFT TorchTrainer."""
-    from zephyr_ray.train.loop import run_worker
-
-    run_worker(config, _make_objective, SFTRecipe)
 
 
 def run_sft(cfg: SFTRecipe) -> StageResult:
-    from zephyr_ray.data.sft import sft_examples, sft_schema
-
-    prepare = None
-    if cfg.distill.enabled:  # the teacher's top-k join the rows; its tokenizer is checked first, here
-        from zephyr_ray.train.distill import teacher_prepare
-
-        prepare = teacher_prepare(cfg)
-    return run_stage(cfg, examples=sft_examples, schema=sft_schema(), train_fn=sft_train_loop, curves=SFT_PANELS,
-                     prepare=prepare)
+    """The dSFT stage end to end: the trained model in ``<output_dir>/model``, metrics and curves beside it."""
+    # The frozen pass: the teacher's top-k join the rows (its tokenizer is checked first, here, on the driver).
+    prepare = teacher_prepare(cfg) if cfg.distill.enabled else None
+    return run_stage(cfg, examples=sft_examples, schema=sft_schema(), curves=SFT_PANELS, prepare=prepare)
