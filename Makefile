@@ -54,6 +54,6 @@ bench-real: install
 lint: install
 	$(VENV)/bin/ruff check zephyr_ray jobs bench tests
 
-# Regenerate README.md's config reference from zephyr_ray/config.py.
+# Regenerate the config reference in docs/config.md from the recipe dataclasses in zephyr_ray/config/.
 docs: install
-	$(PY) -m zephyr_ray.config_reference --write README.md
+	$(PY) -m zephyr_ray.config_reference --write docs/config.md

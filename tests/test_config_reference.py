@@ -1,4 +1,4 @@
-"""README.md's config reference is generated from zephyr_ray/config.py and must stay in sync with it."""
+"""docs/config.md's config reference is generated from zephyr_ray/config/ and must stay in sync with it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from zephyr_ray import config_reference as ref
 from zephyr_ray.config import RECIPES, DataConfig, choice
-from zephyr_ray.config_reference import WRITE_CMD, main, render, render_class, updated
+from zephyr_ray.config_reference import DEFAULT_PATH, WRITE_CMD, main, render, render_class, updated
 
 from .conftest import ROOT
 
@@ -65,9 +65,16 @@ def _row(sections: dict[str, dict[str, list[str]]], section: str, key: str) -> l
     raise AssertionError(f"{key} is not documented in section #{section}")
 
 
-def test_readme_in_sync():
+def test_docs_config_in_sync():
+    page = (ROOT / DEFAULT_PATH).read_text(encoding="utf-8")
+    assert updated(page) == page, f"{DEFAULT_PATH}'s config reference is stale; regenerate with: {WRITE_CMD}"
+
+
+def test_readme_holds_no_reference():
+    """The reference moved to docs/config.md: a second copy in README.md would go stale unchecked."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert updated(readme) == readme, f"README.md's config reference is stale; regenerate with: {WRITE_CMD}"
+    assert ref.START not in readme and ref.END not in readme
+    assert "(docs/config.md)" in readme
 
 
 def test_every_leaf_key_of_every_recipe_is_documented(text):
@@ -145,3 +152,17 @@ def test_check_and_write(tmp_path, capsys):
     new = readme.read_text()
     assert new.startswith("# x\n\n<!-- config-reference:start -->\n") and new.endswith("-->\n\n## After\n")
     assert "STALE-TEXT" not in new and "### `EngineConfig`" in new
+
+
+def test_write_and_check_default_to_docs_config(tmp_path, monkeypatch, capsys):
+    assert DEFAULT_PATH == "docs/config.md" and WRITE_CMD.endswith("--write docs/config.md")
+    page = tmp_path / "docs" / "config.md"
+    page.parent.mkdir()
+    page.write_text("# Config\n\n<!-- config-reference:start -->\nOLD\n<!-- config-reference:end -->\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check"]) == 1
+    assert "docs/config.md: config reference is stale" in capsys.readouterr().err
+    assert main(["--write"]) == 0
+    assert main(["--check"]) == 0
+    text = page.read_text()
+    assert "OLD" not in text and "### Recipe `sft`" in text and f"`{WRITE_CMD}`" in text

@@ -1,13 +1,16 @@
-"""The README's config reference, generated from the typed recipe dataclasses in ``zephyr_ray/config/``.
+"""The config reference (``docs/config.md``), generated from the typed recipe dataclasses in ``zephyr_ray/config/``.
 
 Every recipe in ``RECIPES`` gets a table of its keys (dotted, ``[]`` for a list item) with type, default,
 valid choices and the ``#`` comment written above the field in the source. A dataclass used in more than one
 place (``EngineConfig``, ``SamplingParams``, ``RunConfig`` ...) is documented once in its own section and the
 recipe tables link to it; a recipe nested in another (the pipeline's stage sections) links to that recipe.
 
-    python -m zephyr_ray.config_reference                    # print the Markdown
-    python -m zephyr_ray.config_reference --write README.md  # replace the block between the markers
-    python -m zephyr_ray.config_reference --check README.md  # exit 1 when README.md is stale
+    python -m zephyr_ray.config_reference                         # print the Markdown
+    python -m zephyr_ray.config_reference --write [docs/config.md]  # replace the block between the markers
+    python -m zephyr_ray.config_reference --check [docs/config.md]  # exit 1 when the file's block is stale
+
+The reference lives in its own page, not the README, so the front page stays short; the file argument still
+lets any Markdown file with the markers hold it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from typing import Any
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
-WRITE_CMD = "python -m zephyr_ray.config_reference --write README.md"
+# The page holding the reference (relative to the project root, where `make docs` runs).
+DEFAULT_PATH = "docs/config.md"
+WRITE_CMD = f"python -m zephyr_ray.config_reference --write {DEFAULT_PATH}"
 
 # Linked sections: class -> the anchor a reference row points at instead of repeating the class's keys.
 Links = dict[type, str]
@@ -219,7 +224,7 @@ def recipe_title(name: str) -> str:
 
 
 def render(recipes: dict[str, type] | None = None) -> str:
-    """The whole reference (the text between the README markers)."""
+    """The whole reference (the text between the markers of ``docs/config.md``)."""
     if recipes is None:
         from zephyr_ray.config import RECIPES as recipes
     shared = _shared(recipes)
@@ -248,7 +253,7 @@ def render(recipes: dict[str, type] | None = None) -> str:
     return "\n".join(out)
 
 
-# --- README --------------------------------------------------------------------------------------------------
+# --- the page -----------------------------------------------------------------------------------------------------
 
 def _split(text: str) -> tuple[str, str, str]:
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
@@ -259,7 +264,7 @@ def _split(text: str) -> tuple[str, str, str]:
 
 
 def updated(text: str, reference: str | None = None) -> str:
-    """``text`` (README.md) with the block between the markers replaced by the current reference."""
+    """``text`` (a page such as docs/config.md) with the block between the markers replaced by the current reference."""
     head, _, tail = _split(text)
     body = (reference if reference is not None else render()).strip("\n")
     return f"{head}{START}\n{body}\n{END}{tail}"
@@ -268,9 +273,10 @@ def updated(text: str, reference: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zephyr_ray.config_reference", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", metavar="README", help="replace the config-reference block of this file")
-    mode.add_argument("--check", metavar="README", nargs="?", const="README.md",
-                      help="exit 1 when this file's block is stale (default README.md)")
+    mode.add_argument("--write", metavar="FILE", nargs="?", const=DEFAULT_PATH,
+                      help=f"replace the config-reference block of this file (default {DEFAULT_PATH})")
+    mode.add_argument("--check", metavar="FILE", nargs="?", const=DEFAULT_PATH,
+                      help=f"exit 1 when this file's block is stale (default {DEFAULT_PATH})")
     args = parser.parse_args(argv)
     if not (args.write or args.check):
         sys.stdout.write(render())
