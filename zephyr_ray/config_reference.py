@@ -27,6 +27,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from zephyr_ray.config import RECIPES
+
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 WRITE_CMD = "python -m zephyr_ray.config_reference --write README.md"
@@ -221,7 +223,7 @@ def recipe_title(name: str) -> str:
 def render(recipes: dict[str, type] | None = None) -> str:
     """The whole reference (the text between the README markers)."""
     if recipes is None:
-        from zephyr_ray.config import RECIPES as recipes
+        recipes = RECIPES
     shared = _shared(recipes)
     links: Links = {cls: anchor(recipe_title(name)) for name, cls in recipes.items()}
     links.update({cls: anchor(cls.__name__) for cls in shared})
