@@ -30,6 +30,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from zephyr_ray.config import RECIPES
+
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 # The page holding the reference (relative to the project root, where `make docs` runs).
@@ -226,7 +228,7 @@ def recipe_title(name: str) -> str:
 def render(recipes: dict[str, type] | None = None) -> str:
     """The whole reference (the text between the markers of ``docs/config.md``)."""
     if recipes is None:
-        from zephyr_ray.config import RECIPES as recipes
+        recipes = RECIPES
     shared = _shared(recipes)
     links: Links = {cls: anchor(recipe_title(name)) for name, cls in recipes.items()}
     links.update({cls: anchor(cls.__name__) for cls in shared})

@@ -12,6 +12,7 @@ content, and every stage, worker and actor loads that folder in its own precisio
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import importlib.util
@@ -194,8 +195,6 @@ def _write_hf_folder(src: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m zephyr_ray.gguf_import NAME_OR_FILE ...``: import now (``make install`` does it for the
     embedded model, so the first stage does not pay for it) and print each folder."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("models", nargs="+", help=f"GGUF files or embedded names ({', '.join(EMBEDDED_MODELS)})")
     args = parser.parse_args(argv)

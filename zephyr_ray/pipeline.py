@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from zephyr_ray.cluster import output_path
+from zephyr_ray.cluster import ensure_ray, output_path
 from zephyr_ray.config import (
     PROJECT_ROOT,
     AIFRecipe,
@@ -343,8 +343,6 @@ class PipelineResult:
 def run_pipeline(cfg: PipelineRecipe | None = None, *, resume: str | Path | None = None,
                  echo: Callable[[str], None] = print) -> PipelineResult:
     """Run (or ``resume``) the pipeline; finished stages of a resumed run are not redone."""
-    from zephyr_ray.cluster import ensure_ray
-
     if resume is not None:
         run_dir = output_path(resume)
         manifest = Manifest.load(run_dir)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
+import pyarrow.parquet as pq
 
 from zephyr_ray.config import ConfigError, MixtureSource, resolve_path
 from zephyr_ray.data.readers import RAW_JSON, ROW, SOURCE, detect_format
@@ -96,8 +97,6 @@ def _table_rows(rows: Sequence[dict[str, Any]], source: str, limit: int | None) 
 
 
 def _parquet(path: str, limit: int | None) -> Iterator[_Row]:
-    import pyarrow.parquet as pq
-
     n = 0
     for file in _files(path, (".parquet",)):
         with fsspec.open(file, "rb") as f:

@@ -8,15 +8,14 @@ for token even where a string concatenation would let BPE merge across the bound
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
 
 from zephyr_ray.config import DataConfig
 from zephyr_ray.data.packing import longest_first
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem, validate_messages
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,6 @@ def preference_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataCon
 
 
 def preference_schema() -> pa.Schema:
-    import pyarrow as pa
-
     ints = pa.list_(pa.int64())
     return pa.schema([("prompt_ids", ints), ("chosen_ids", ints), ("rejected_ids", ints),
                       ("sample_ids", pa.list_(pa.string()))])

@@ -11,13 +11,12 @@ import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
 from ray.data.datasource import FileBasedDatasource
-
-if TYPE_CHECKING:
-    import pyarrow
-    import ray.data
 
 SOURCE, ROW, RAW_JSON = "_source", "_row", "_json"
 _BLOCK_ROWS = 4096
@@ -27,9 +26,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 class JsonlRows(FileBasedDatasource):
     """One row per non-blank line: ``_source``, ``_row`` (1-based line number), ``_json`` (the line)."""
 
-    def _read_stream(self, f: pyarrow.NativeFile, path: str) -> Iterator[pyarrow.Table]:
-        import pyarrow as pa
-
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         lines, numbers = [], []
         for number, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", newline="\n"), 1):
             if line.strip():
@@ -48,10 +45,7 @@ class ParquetRows(FileBasedDatasource):
     def _open_input_source(self, filesystem, path: str, **open_args):
         return filesystem.open_input_file(path)  # Parquet needs random access
 
-    def _read_stream(self, f: pyarrow.NativeFile, path: str) -> Iterator[pyarrow.Table]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         start = 0
         for batch in pq.ParquetFile(f).iter_batches(batch_size=_BLOCK_ROWS):
             table = pa.Table.from_batches([batch])
@@ -63,8 +57,6 @@ class ParquetRows(FileBasedDatasource):
 
 def detect_format(path: str) -> str:
     """``jsonl``, ``parquet``, ``hf_disk`` or ``hf_hub`` from the path's shape."""
-    import fsspec
-
     lowered = path.lower().rstrip("/")
     if lowered.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         return "jsonl"
@@ -86,16 +78,12 @@ def detect_format(path: str) -> str:
 
 
 def _from_hf(ds, source: str) -> ray.data.Dataset:
-    import ray.data
-
     ds = ds.add_column(SOURCE, [source] * len(ds)).add_column(ROW, list(range(len(ds))))
     return ray.data.from_huggingface(ds)
 
 
 def read_rows(path: str, fmt: str = "auto", split: str = "train", limit: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset of raw rows with their provenance columns; nothing is validated here."""
-    import ray.data
-
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "jsonl":
         ds = ray.data.read_datasource(JsonlRows(path, file_extensions=["jsonl", "json", "gz"]))

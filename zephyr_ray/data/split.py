@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from zephyr_ray.data.rows import parse_row
 from zephyr_ray.data.schema import RowProblem
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
 
@@ -59,8 +60,6 @@ def held_out(text: str | None, seed: int, fraction: float) -> bool:
 
 
 def _side(batch: pa.Table, seed: int, fraction: float, keep_held_out: bool) -> pa.Table:
-    import pyarrow as pa
-
     mask = [held_out(prompt_text(row), seed, fraction) == keep_held_out for row in batch.to_pylist()]
     return batch.filter(pa.array(mask, pa.bool_()))
 

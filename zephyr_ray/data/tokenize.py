@@ -6,6 +6,8 @@ import functools
 import re
 from typing import Any
 
+from zephyr_ray.models import load_tokenizer
+
 IGNORE_INDEX = -100
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -66,6 +68,4 @@ def assistant_spans_by_prefix(tokenizer: Any, messages: list[dict[str, str]]) ->
 def cached_tokenizer(path: str, chat_template: str | None = None):
     """One tokenizer per process for Ray Data tasks (loading costs more than a batch); ``chat_template``:
     ``model.chat_template``, the override every task of a stage must tokenize with."""
-    from zephyr_ray.models import load_tokenizer
-
     return load_tokenizer(path, chat_template=chat_template)

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from zephyr_ray.config import DataConfig
 from zephyr_ray.data.packing import longest_first
 from zephyr_ray.data.preference import answer_ids, prompt_ids
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem, validate_messages
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +201,6 @@ def balance_warning(num_desirable: int, num_undesirable: int, desirable_weight: 
 
 
 def unpaired_schema() -> pa.Schema:
-    import pyarrow as pa
-
     ints = pa.list_(pa.int64())
     return pa.schema([("prompt_ids", ints), ("completion_ids", ints), ("kl_completion_ids", ints), ("label", pa.bool_()),
                       ("sample_ids", pa.list_(pa.string()))])

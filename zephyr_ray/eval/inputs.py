@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zephyr_ray.data.readers import RAW_JSON, ROW, SOURCE, detect_format
+import fsspec
+
+from zephyr_ray.data.readers import RAW_JSON, ROW, SOURCE, detect_format, read_rows
 from zephyr_ray.data.schema import BadRowError
 
 
@@ -21,8 +23,6 @@ def read_input_rows(path: str, fmt: str = "auto", split: str = "train") -> list[
     array (AlpacaEval's ``model_outputs.json``) gives one row per element (``_row`` = 0-based index); Parquet,
     ``datasets`` folders and hub ids go through :func:`zephyr_ray.data.readers.read_rows` (needs Ray).
     """
-    import fsspec
-
     kind = detect_format(path) if fmt == "auto" else fmt
     fs, root = fsspec.core.url_to_fs(path)
     if kind == "jsonl" and fs.isfile(root):
@@ -35,7 +35,6 @@ def read_input_rows(path: str, fmt: str = "auto", split: str = "train") -> list[
                     raise BadRowError(f"{path} row {i}: field <json>: expected an object, got {type(item).__name__}")
             return [{**item, SOURCE: path, ROW: i} for i, item in enumerate(items)]
         return [{SOURCE: path, ROW: n, RAW_JSON: line} for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    from zephyr_ray.data.readers import read_rows
 
     rows = read_rows(path, kind, split).take_all()
     return sorted(rows, key=lambda r: (str(r.get(SOURCE)), int(r.get(ROW, 0))))

@@ -26,7 +26,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.data
+import torch
 
 from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import EngineConfig, LeaderboardRecipe, LeaderboardTaskConfig, resolve_path, to_dict
@@ -35,13 +40,11 @@ from zephyr_ray.data.rows import parse_row, row_ref
 from zephyr_ray.data.schema import BadRowError, RowProblem
 from zephyr_ray.eval import leaderboard as lb
 from zephyr_ray.eval.inputs import read_input_rows
+from zephyr_ray.eval.loglikelihood import loglikelihood
 from zephyr_ray.eval.mt_bench import digest
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.models import DTYPES, tiny_label
 from zephyr_ray.tracking import log_summary_run, write_summary
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +123,6 @@ def load_task(t: LeaderboardTaskConfig, seed: int) -> TaskData:
 
 def loglikelihood_work(engine: Any, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pool ``work``: every continuation of every unit scored on the actor's transformers model."""
-    from zephyr_ray.eval.loglikelihood import loglikelihood
-
     if not hasattr(engine, "model") or not hasattr(engine, "tokenizer"):
         raise TypeError(f"leaderboard scoring needs a transformers engine, got {type(engine).__name__}")
     tok = engine.tokenizer
@@ -154,16 +155,11 @@ def _units(tasks: list[TaskData]) -> list[dict[str, Any]]:
 
 
 def _schema() -> pa.Schema:
-    import pyarrow as pa
-
     return pa.schema([(KEY, pa.string()), ("task", pa.string()), ("doc", pa.int64()), ("context", pa.string()),
                       ("continuations", pa.list_(pa.string()))])
 
 
 def _score_native(engine: EngineConfig, units: list[dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:
-    import pyarrow as pa
-    import ray.data
-
     ds = ray.data.from_arrow(pa.Table.from_pylist(units, schema=_schema()))
     table = run_pool(ds, engine, loglikelihood_work, out / "loglik" / engine.name, f"leaderboard [{engine.name}]")
     wanted = {u[KEY] for u in units}
@@ -256,8 +252,6 @@ def _lm_eval_task(path: str, engine: dict[str, Any], task: str | dict[str, Any],
                   limit: int | None) -> dict[str, Any]:
     """One ``simple_evaluate`` call (runs inside a Ray task holding the model's resources) of a harness task name
     or a :func:`local_task_spec`; its metrics and each row's log-likelihoods."""
-    import torch
-
     lm_eval = import_lm_eval()
     if engine.get("threads_per_actor"):
         torch.set_num_threads(engine["threads_per_actor"])
@@ -280,8 +274,6 @@ def _lm_eval_task(path: str, engine: dict[str, Any], task: str | dict[str, Any],
 
 
 def _lm_eval_model(engine: EngineConfig, cfg: LeaderboardRecipe, tasks: list[TaskData], out: Path) -> dict[str, Any]:
-    import ray
-
     local = {td.cfg.name: local_task_spec(td, out / "lm_eval_tasks") for td in tasks}
     remote = ray.remote(num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor)(_lm_eval_task)
     by_task: dict[str, Any] = {}

@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 Request = tuple[Sequence[int], Sequence[int]]
 
 
@@ -29,8 +31,6 @@ def loglikelihood(model: Any, tokenizer: Any, requests: Sequence[Request], batch
                   max_length: int | None = None) -> list[tuple[float, bool]]:
     """``(sum of continuation log-probs, whether greedy decoding would produce the continuation)`` per request,
     in input order."""
-    import torch
-
     if not requests:
         return []
     max_length = max_length or _max_length(model)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from zephyr_ray.data.preference import validate_pair
 from zephyr_ray.data.prompts import prompt_id_of
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem
@@ -226,8 +227,6 @@ def validate_preference(row: dict[str, Any]) -> dict[str, Any]:
     ``chosen``/``rejected`` (the ``ultrafeedback_binarized`` schema; output_1 = chosen, label 1) or AlpacaEval
     annotations (``instruction``, ``output_1``, ``output_2``, ``preference`` in [1, 2]: 1 = output_1 better,
     2 = output_2 better, 1.5 = tie)."""
-    from zephyr_ray.data.preference import validate_pair
-
     if "output_1" in row or "output_2" in row:
         text = _text(row)
         out1, out2 = _output(row.get("output_1"), "output_1"), _output(row.get("output_2"), "output_2")

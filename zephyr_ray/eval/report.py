@@ -7,6 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 
 def category_label(category: str) -> str:
     return "STEM" if category.lower() == "stem" else category.capitalize()
@@ -20,10 +24,6 @@ def radar_chart(categories: Sequence[str], series: dict[str, dict[str, float | N
                 title: str = "MT-Bench", low: float = 0.0, high: float = 10.0) -> Path:
     """One polygon per model over the categories (as in the Zephyr paper's figure); a category a model has no
     rating for leaves a gap. Under three categories a radar means nothing, so a grouped bar chart is drawn."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     labels = [category_label(c) for c in categories]
     fig = Figure(figsize=(7.5, 7.5), dpi=110)
     FigureCanvasAgg(fig)

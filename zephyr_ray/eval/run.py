@@ -25,7 +25,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
+import ray.data
 
 from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import EngineConfig, EvalRecipe, resolve_path, to_dict
@@ -45,6 +48,7 @@ from zephyr_ray.eval.pairwise import (
 )
 from zephyr_ray.eval.report import markdown_report, radar_chart
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
+from zephyr_ray.generation.run import generate, prompt_schema
 from zephyr_ray.judging import (
     EXPECTED,
     EXPECTED_OPTIONS,
@@ -58,9 +62,6 @@ from zephyr_ray.judging import (
 )
 from zephyr_ray.models import tiny_label
 from zephyr_ray.tracking import log_summary_run, write_summary
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,10 @@ class _Timings:
 # ---------------------------------------------------------------------------------------------------
 
 def _messages_type() -> pa.DataType:
-    import pyarrow as pa
-
     return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def _dataset(units: list[dict[str, Any]], schema: pa.Schema):
-    import pyarrow as pa
-    import ray.data
-
     return ray.data.from_arrow(pa.Table.from_pylist(units, schema=schema))
 
 
@@ -114,8 +110,6 @@ def _outputs(table: pa.Table | None, units: list[dict[str, Any]], what: str) -> 
 
 def _answer_turn(questions: list[mt_bench.Question], engine: EngineConfig, turn: int, first: dict[str, str] | None,
                  cfg: EvalRecipe, out: Path, timings: _Timings) -> dict[str, dict[str, Any]]:
-    import pyarrow as pa
-
     m = cfg.mt_bench
     params = replace(m.sampling, n=1)
     units = mt_bench.answer_units(questions, turn, first, m.temperatures, params)
@@ -132,8 +126,6 @@ def _answer_turn(questions: list[mt_bench.Question], engine: EngineConfig, turn:
 def _generate(items: list[dict[str, str]], engine: EngineConfig, cfg: EvalRecipe, out: Path, timings: _Timings
               ) -> dict[str, dict[str, Any]]:
     """``{instruction: completion row}`` of ``engine`` for the AlpacaEval instructions."""
-    from zephyr_ray.generation.run import generate, prompt_schema
-
     params = replace(cfg.alpaca_eval.sampling, n=1)
     units = [{KEY: f"{it['instruction_id']}#{digest(it['instruction'], asdict(params))}",
               "prompt_id": it["instruction_id"], "prompt": it["instruction"],
@@ -147,8 +139,6 @@ def _generate(items: list[dict[str, str]], engine: EngineConfig, cfg: EvalRecipe
 
 def _judge(units: list[dict[str, Any]], engine: EngineConfig, cfg: EvalRecipe, out: Path, timings: _Timings
            ) -> dict[str, dict[str, Any]]:
-    import pyarrow as pa
-
     schema = pa.schema([(KEY, pa.string()), ("kind", pa.string()), ("messages", _messages_type()), ("meta", pa.string())])
     work = partial(judge_work, params=replace(cfg.judge.sampling, n=1), max_attempts=cfg.judge.max_attempts,
                    judge=engine.name, mode=cfg.judge.mode)

@@ -13,11 +13,17 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
+import ray.data
 
 from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import AIFRecipe, JudgeConfig, PromptsConfig, resolve_path, to_dict
 from zephyr_ray.data.io import write_jsonl
+from zephyr_ray.data.prompts import validate_completions
+from zephyr_ray.data.readers import read_rows
+from zephyr_ray.data.rows import DataReport, raise_bad_row, valid_rows
 from zephyr_ray.feedback.binarize import binarize, group_by_prompt
 from zephyr_ray.feedback.judge import score_batch, summarize_judging
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
@@ -25,10 +31,6 @@ from zephyr_ray.generation.run import generate, load_prompts
 from zephyr_ray.generation.types import Engine
 from zephyr_ray.judging import load_templates
 from zephyr_ray.tracking import log_summary_run, write_summary
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +48,11 @@ def _completion_key(row: dict[str, Any]) -> str:
 
 
 def _keyed_completions(batch: pa.Table) -> pa.Table:
-    import pyarrow as pa
-
     keys = [_completion_key(r) for r in batch.select(["model", "sample", "prompt_id"]).to_pylist()]
     return batch.drop_columns([KEY]).append_column(KEY, pa.array(keys, pa.string()))
 
 
 def _completion_batch(batch: pa.Table, on_bad_row: str) -> pa.Table:
-    import pyarrow as pa
-
-    from zephyr_ray.data.prompts import validate_completions
-    from zephyr_ray.data.rows import DataReport, valid_rows
-
     rows = [r for _, group in valid_rows(batch.to_pylist(), validate_completions, on_bad_row, DataReport())
             for r in group]
     return pa.Table.from_pylist([{KEY: _completion_key(r), **r} for r in rows])
@@ -66,9 +61,6 @@ def _completion_batch(batch: pa.Table, on_bad_row: str) -> pa.Table:
 def load_completions(path: str, prompts: PromptsConfig) -> ray.data.Dataset:
     """Pre-generated completions (flat or grouped per prompt), validated, keyed per completion;
     ``prompts.limit`` / ``on_bad_row`` / ``format`` / ``split`` apply to this file's rows."""
-    from zephyr_ray.data.readers import read_rows
-    from zephyr_ray.data.rows import raise_bad_row
-
     rows = read_rows(resolve_path(path), prompts.format, prompts.split, prompts.limit)
     try:
         return rows.map_batches(_completion_batch, batch_format="pyarrow",
@@ -97,9 +89,6 @@ def _judge(completions: ray.data.Dataset, judge: JudgeConfig, out: Path) -> pa.T
 
 
 def _candidates(cfg: AIFRecipe, out: Path, seconds: dict[str, float]) -> ray.data.Dataset:
-    import pyarrow as pa
-    import ray.data
-
     if cfg.completions:
         return load_completions(cfg.completions, cfg.prompts)
     prompts = load_prompts(cfg.prompts)
@@ -113,8 +102,6 @@ def _candidates(cfg: AIFRecipe, out: Path, seconds: dict[str, float]) -> ray.dat
 
 
 def run_aif(cfg: AIFRecipe) -> AIFResult:
-    import ray.data
-
     cfg, out = open_run(cfg)
     ensure_ray()
     seconds: dict[str, float] = {}  # wall time per model step (a resumed step only counts what it redid)

@@ -11,17 +11,23 @@ seeds and merges the :class:`SelfInstructReport`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from zephyr_ray.config import SelfInstructRecipe
+from zephyr_ray.cluster import ensure_ray, open_run
+from zephyr_ray.config import SelfInstructRecipe, resolve_path
+from zephyr_ray.data.io import write_jsonl
 from zephyr_ray.data.schema import RowProblem, validate_messages
 from zephyr_ray.feedback.binarize import stable_prompt_id
-from zephyr_ray.generation.pool import KEY
+from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
+from zephyr_ray.generation.run import load_prompts
 from zephyr_ray.generation.types import Conversation, SamplingParams
 from zephyr_ray.judging import fill
 
@@ -183,8 +189,6 @@ def selfinstruct_work(engine: Any, units: list[dict[str, Any]], *, turns: int, p
                       next_user_template: str) -> list[dict[str, Any]]:
     """Pool work: one output row per seed (``messages`` None when it was dropped), so a resumed run
     never redoes a seed; the task's report rides on its first row."""
-    import json
-
     rows, report = self_instruct(engine, units, turns=turns, params=params, next_user_template=next_user_template)
     made = {r["prompt_id"]: r for r in rows}
     return [{KEY: u[KEY], "prompt_id": u["prompt_id"], "prompt": u["prompt"],
@@ -196,16 +200,6 @@ def selfinstruct_work(engine: Any, units: list[dict[str, Any]], *, turns: int, p
 def run_selfinstruct(cfg: SelfInstructRecipe) -> Path:
     """``zephyr-ray selfinstruct``: seeds → teacher dialogues in ``run.output_dir/dialogues.jsonl``
     (the dSFT input) and the merged report in ``selfinstruct_report.json``."""
-    import json
-    import logging
-    from functools import partial
-
-    from zephyr_ray.cluster import ensure_ray, open_run
-    from zephyr_ray.config import resolve_path
-    from zephyr_ray.data.io import write_jsonl
-    from zephyr_ray.generation.pool import resolve_engine, run_pool
-    from zephyr_ray.generation.run import load_prompts
-
     cfg, out = open_run(cfg)
     ensure_ray()
     template = Path(resolve_path(cfg.next_user_template)).read_text(encoding="utf-8")

@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from zephyr_ray.config import EngineConfig
 from zephyr_ray.generation.types import Completion, Conversation, Engine, SamplingParams, ScoringEngine
-
-if TYPE_CHECKING:
-    from zephyr_ray.config import EngineConfig
+from zephyr_ray.models import resolve_model_path
 
 __all__ = ["Completion", "Conversation", "Engine", "SamplingParams", "ScoringEngine", "check_params", "make_engine",
            "option_sequences", "renormalise"]
@@ -83,12 +82,10 @@ def make_engine(cfg: EngineConfig, output_dir: str | Path) -> Engine:
     built once under ``output_dir``."""
     if cfg.backend == "transformers":
         from zephyr_ray.generation.hf import HFEngine
-        from zephyr_ray.models import resolve_model_path
 
         return HFEngine(cfg, resolve_model_path(cfg.path, output_dir, seed=cfg.tiny_seed, arch=cfg.tiny_arch))
     if cfg.backend == "vllm":
         from zephyr_ray.generation.vllm_engine import VLLMEngine, import_vllm
-        from zephyr_ray.models import resolve_model_path
 
         import_vllm()  # a missing vllm fails here, before the tiny model is built
         return VLLMEngine(cfg, resolve_model_path(cfg.path, output_dir, seed=cfg.tiny_seed, arch=cfg.tiny_arch))
@@ -102,8 +99,6 @@ def make_engine(cfg: EngineConfig, output_dir: str | Path) -> Engine:
 def chat(model: str, prompts: list[str], max_new_tokens: int = 128, precision: str = "fp32") -> list[dict[str, str]]:
     """Greedy single-turn answers of the model at ``model`` (an HF folder, GGUF file or embedded name) to
     ``prompts``, in one batch in this process: ``zephyr-ray chat`` and the pipeline's closing chat."""
-    from zephyr_ray.config import EngineConfig
-
     engine = make_engine(EngineConfig(name="chat", path=model, precision=precision), Path.cwd())
     outputs = engine.generate([[{"role": "user", "content": p}] for p in prompts],
                               SamplingParams(max_new_tokens=max_new_tokens))

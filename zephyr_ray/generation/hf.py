@@ -39,14 +39,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
 from zephyr_ray.generation import check_params, option_sequences
 from zephyr_ray.generation.adapters import BASE, load_adapters
 from zephyr_ray.generation.stopping import StopRule
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
+from zephyr_ray.models import DTYPES, load_model, load_tokenizer
 
 if TYPE_CHECKING:
-    import torch
-
     from zephyr_ray.config import EngineConfig
 
 
@@ -82,9 +90,7 @@ def row_seed(seed: int, sample: int, prompt_ids: list[int]) -> int:
 @functools.cache
 def processor_classes() -> tuple[type, type]:
     """``(SeededSampler, StopStrings)``: the logits processor and stopping criterion classes of ``generate``
-    (transformers imported on first use only); the serving batcher applies the same sampler per row group."""
-    import torch
-    from transformers import LogitsProcessor, StoppingCriteria
+    (made once); the serving batcher applies the same sampler per row group."""
 
     class SeededSampler(LogitsProcessor):
         """Temperature + top-p sampling with one generator per row (inverse-CDF draw of one uniform per row
@@ -165,10 +171,6 @@ class HFEngine:
 
     def __init__(self, cfg: EngineConfig, path: str, model: Any = None, tokenizer: Any = None,
                  adapters: Mapping[str, str] | None = None):
-        import torch
-
-        from zephyr_ray.models import DTYPES, load_model, load_tokenizer
-
         self.cfg = cfg
         self.path = path
         self.tokenizer = tokenizer or load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
@@ -227,8 +229,6 @@ class HFEngine:
 
     def left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of token rows, left-padded with the pad id, on the model's device."""
-        import torch
-
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -252,8 +252,6 @@ class HFEngine:
     def generation_config(self, max_new_tokens: int) -> Any:
         """The ``GenerationConfig`` of every decode: greedy argmax (sampling is a logits processor), KV cache,
         the engine's EOS ids and pad id."""
-        from transformers import GenerationConfig
-
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                 eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
 
@@ -278,9 +276,6 @@ class HFEngine:
 
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
                         adapter: str | None = None) -> list[Completion]:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
         sampler_cls, stop_cls = processor_classes()
         ids, mask = self.left_pad(prompts)
         width = ids.shape[1]
@@ -325,8 +320,6 @@ class HFEngine:
         one short forward per option over the cached prompt (a copy of the cache, so every option continues
         the same prompt). Cost: one prompt forward per conversation plus, per option, a forward of its
         ``len - 1`` tokens; never a prompt forward per option."""
-        import torch
-
         prefix_ids, seqs = option_sequences(self.tokenizer, options, prefix, suffix)
         prompts = self.prompt_ids(conversations, prefix_ids)
         first = torch.tensor([seq[0] for seq in seqs], device=self.device)
@@ -350,8 +343,6 @@ class HFEngine:
     def _continuation_logprob(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, seq: list[int]
                               ) -> torch.Tensor:
         """Sum of log P(seq[j] | prompt, seq[:j]) for j >= 1, per row, continuing a copy of the prompt's cache."""
-        import torch
-
         rows, n = mask.shape[0], len(seq) - 1
         tokens = torch.tensor(seq, device=self.device)
         step = torch.arange(1, n + 1, device=self.device)

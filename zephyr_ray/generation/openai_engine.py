@@ -35,6 +35,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+import httpx
+
 from zephyr_ray.generation import check_params
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
 
@@ -79,8 +81,6 @@ class OpenAIEngine:
     """``Engine`` over HTTP. ``stats`` counts requests, retries and tokens (thread-safe)."""
 
     def __init__(self, cfg: EngineConfig, *, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
-        import httpx
-
         self.cfg = cfg
         self.model = cfg.path
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
@@ -121,8 +121,6 @@ class OpenAIEngine:
 
     def _post(self, body: dict[str, Any], what: str) -> dict[str, Any]:
         """One request with retries; the parsed JSON of the first success."""
-        import httpx
-
         for attempt in range(self.cfg.max_retries + 1):
             wait_s: float | None = None
             try:

@@ -16,11 +16,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
 from zephyr_ray.config import EngineConfig, from_dict, to_dict
+from zephyr_ray.generation import make_engine
 from zephyr_ray.generation.types import Engine
+from zephyr_ray.models import resolve_model_path, tiny_label
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
 log = logging.getLogger(__name__)
@@ -35,8 +42,6 @@ _MAX_RETRIES = 3
 def resolve_engine(cfg: EngineConfig, models_dir: Path) -> EngineConfig:
     """``cfg`` with its model as an HF folder the actors load: the tiny model built (once, on the driver) when a
     local backend names no model, a GGUF file or embedded name imported."""
-    from zephyr_ray.models import resolve_model_path, tiny_label
-
     if cfg.backend == "openai":
         return cfg
     if cfg.path:
@@ -48,9 +53,6 @@ def resolve_engine(cfg: EngineConfig, models_dir: Path) -> EngineConfig:
 def done_keys(out_dir: Path) -> set[str]:
     """Keys of every readable part. A part cut off on disk (no Parquet footer, unreadable column) is deleted
     with a warning, so its units are redone rather than loaded."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     keys: set[str] = set()
     for part in sorted(out_dir.glob("part-*.parquet")):
         try:
@@ -63,9 +65,6 @@ def done_keys(out_dir: Path) -> set[str]:
 
 def read_parts(out_dir: Path) -> pa.Table | None:
     """Every part in ``out_dir`` as one table, in a stable order (None when nothing was written)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     parts = sorted(out_dir.glob("part-*.parquet"))
     if not parts:
         return None
@@ -73,9 +72,6 @@ def read_parts(out_dir: Path) -> pa.Table | None:
 
 
 def _write_part(out_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     name = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
     tmp = out_dir / f".tmp-{name}-{os.getpid()}.parquet"
     pq.write_table(pa.Table.from_pylist(rows), tmp)
@@ -86,8 +82,6 @@ class _EngineActor:
     """``map_batches`` callable: one engine per actor, one part file per task."""
 
     def __init__(self, engine: dict[str, Any], work: Work, out_dir: str):
-        from zephyr_ray.generation import make_engine
-
         self.cfg = from_dict(engine, EngineConfig)
         if self.cfg.threads_per_actor:
             import torch
@@ -98,8 +92,6 @@ class _EngineActor:
         self.out_dir = Path(out_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
-
         units = batch.to_pylist()
         outputs = self.work(self.engine, units)
         if self.cfg.inject_crash_once and not (self.out_dir / _CRASH_MARKER).exists():
@@ -110,17 +102,11 @@ class _EngineActor:
 
 
 def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
-    import pyarrow.compute as pc
-
     return batch.filter(pc.invert(pc.is_in(batch[KEY], done)))
 
 
 def run_pool(units: ray.data.Dataset, engine: EngineConfig, work: Work, out_dir: Path, desc: str) -> pa.Table | None:
     """Apply ``work(engine, units)`` to every unit not yet done in ``out_dir``; all outputs so far."""
-    import pyarrow as pa
-    import ray
-    from tqdm import tqdm
-
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".tmp-*"):  # a killed run's unfinished writes
         stale.unlink()

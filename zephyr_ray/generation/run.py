@@ -4,36 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
+from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import EngineConfig, GenerateRecipe, PromptsConfig, resolve_path
 from zephyr_ray.data.io import write_jsonl
+from zephyr_ray.data.prompts import prompt_rows
+from zephyr_ray.data.readers import read_rows
+from zephyr_ray.data.rows import raise_bad_row
 from zephyr_ray.generation import check_params
 from zephyr_ray.generation.pool import KEY, resolve_engine, run_pool
 from zephyr_ray.generation.types import Engine, SamplingParams
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
 log = logging.getLogger(__name__)
 
 
 def _prompt_batch(batch: pa.Table, on_bad_row: str) -> pa.Table:
-    import pyarrow as pa
-
-    from zephyr_ray.data.prompts import prompt_rows
-
     rows, _ = prompt_rows(batch.to_pylist(), on_bad_row)
     return pa.Table.from_pylist([{KEY: r["prompt_id"], **r} for r in rows], schema=prompt_schema())
 
 
 def prompt_schema() -> pa.Schema:
-    import pyarrow as pa
-
     turn = pa.struct([("role", pa.string()), ("content", pa.string())])
     return pa.schema([(KEY, pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()), ("messages", pa.list_(turn))])
 
@@ -41,11 +41,6 @@ def prompt_schema() -> pa.Schema:
 def load_prompts(cfg: PromptsConfig) -> ray.data.Dataset:
     """Validated prompts keyed by ``prompt_id`` (materialized: they are small and read more than once).
     A repeated ``prompt_id`` is an error: resume and binarization key on it."""
-    from collections import Counter
-
-    from zephyr_ray.data.readers import read_rows
-    from zephyr_ray.data.rows import raise_bad_row
-
     rows = read_rows(resolve_path(cfg.path), cfg.format, cfg.split, cfg.limit)
     try:
         prompts = rows.map_batches(_prompt_batch, batch_format="pyarrow", fn_kwargs={"on_bad_row": cfg.on_bad_row})
@@ -86,8 +81,6 @@ def generate(prompts: ray.data.Dataset, engine: EngineConfig, params: SamplingPa
 
 
 def run_generate(cfg: GenerateRecipe) -> Path:
-    from zephyr_ray.cluster import ensure_ray, open_run
-
     cfg, out = open_run(cfg)
     ensure_ray()
     table = generate(load_prompts(cfg.prompts), cfg.engine, cfg.sampling, out)

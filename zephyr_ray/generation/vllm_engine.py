@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from zephyr_ray.generation import check_params, option_sequences, renormalise
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
+from zephyr_ray.models import DTYPES, load_tokenizer
 
 if TYPE_CHECKING:
     from zephyr_ray.config import EngineConfig
@@ -34,8 +35,6 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig, path: str):
         vllm = import_vllm()
-        from zephyr_ray.models import DTYPES, load_tokenizer
-
         self.cfg = cfg
         self._vllm = vllm
         self.tokenizer = load_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,

@@ -29,11 +29,14 @@ import hmac
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,6 +44,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zephyr_ray.config import ConfigError, ServeRecipe, from_dict, load_config, resolve_path, to_dict
+from zephyr_ray.generation.hf import HFEngine
+from zephyr_ray.generation.vllm_engine import VLLMEngine, import_vllm
+from zephyr_ray.models import DTYPES, resolve_model_path
 from zephyr_ray.serve import protocol
 from zephyr_ray.serve.batching import Batcher, EngineBackend, HFStreamingBackend, Job
 from zephyr_ray.serve.protocol import APIError, Limits
@@ -119,18 +125,12 @@ class ChatServer:
         self.created = int(time.time())
         threads = cfg.serve.torch_threads
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
         if cfg.engine.backend == "transformers":
-            from zephyr_ray.generation.hf import HFEngine
-
             self.engine = HFEngine(cfg.engine, cfg.engine.path, adapters=cfg.serve.adapters)
             run_batch = HFStreamingBackend(self.engine)
             context = getattr(self.engine.model.config, "max_position_embeddings", None)
         else:  # vllm inside this ingress
-            from zephyr_ray.generation.vllm_engine import VLLMEngine
-
             self.engine = VLLMEngine(cfg.engine, cfg.engine.path)
             run_batch = EngineBackend(self.engine)
             context = _vllm_context(self.engine.llm)
@@ -147,8 +147,6 @@ class ChatServer:
 
         def thread_init() -> None:  # torch's thread count is per thread: set it where generation runs
             if threads:
-                import torch
-
                 torch.set_num_threads(threads)
 
         self.batcher = Batcher(run_batch, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s, thread_init)
@@ -332,8 +330,6 @@ def use_serve_llm(cfg: ServeRecipe) -> bool:
 
 def llm_config(cfg: ServeRecipe) -> dict[str, Any]:
     """The ``ray.serve.llm.LLMConfig`` (as a dict) equivalent to ``cfg`` for the vllm backend."""
-    from zephyr_ray.models import DTYPES
-
     e, s = cfg.engine, cfg.serve
     engine_kwargs: dict[str, Any] = {"dtype": DTYPES[e.precision], "tensor_parallel_size": e.tensor_parallel_size,
                                      "gpu_memory_utilization": e.gpu_memory_utilization,
@@ -390,12 +386,8 @@ def lora_settings(adapters: dict[str, str], max_batch_size: int) -> dict[str, An
 
 def prepare(cfg: ServeRecipe) -> ServeRecipe:
     """Validate and resolve the model path (building the tiny model when ``engine.path`` is empty)."""
-    from zephyr_ray.models import resolve_model_path
-
     check_config(cfg)
     if cfg.engine.backend == "vllm":
-        from zephyr_ray.generation.vllm_engine import import_vllm
-
         import_vllm()  # a missing vllm fails here, before anything is deployed
     path = resolve_model_path(cfg.engine.path, cfg.run.output_dir, seed=cfg.engine.tiny_seed,
                               arch=cfg.engine.tiny_arch)
@@ -444,10 +436,6 @@ def run_server(cfg: ServeRecipe, detach: bool = False, ready: Any = print) -> st
     """Deploy ``cfg`` and, unless ``detach``, serve until interrupted (Ctrl-C or SIGTERM), then tear down
     what this call started: the whole local Ray (and Serve) when it started one, else only the application.
     Without ``RAY_ADDRESS`` a fresh local Ray is started (never someone else's running cluster)."""
-    import signal
-
-    import ray
-
     address = os.environ.get("RAY_ADDRESS") or "local"
     own_cluster = not ray.is_initialized() and address == "local"
     if detach and own_cluster:

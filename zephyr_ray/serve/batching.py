@@ -46,6 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
 from zephyr_ray.generation.hf import HFEngine, processor_classes, row_seed
 from zephyr_ray.generation.stopping import LENGTH, STOP, StopRule
 from zephyr_ray.generation.types import Completion, Conversation, SamplingParams
@@ -279,9 +282,6 @@ class HFStreamingBackend:
         return self._rules[key]
 
     def __call__(self, jobs: list[Job]) -> None:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
         rows: list[Row] = []
         for job in jobs:
             p = job.params
@@ -363,9 +363,6 @@ def _row_sampler_cls() -> type:
     """A logits processor applying the engine's ``SeededSampler`` per (temperature, top_p) group of rows."""
     with _CLASSES_LOCK:
         if "sampler" not in _CLASSES:
-            import torch
-            from transformers import LogitsProcessor
-
             seeded = processor_classes()[0]
 
             class RowSampler(LogitsProcessor):
@@ -392,9 +389,6 @@ def _tracker_cls() -> type:
     """A stopping criterion that feeds every new token to ``HFStreamingBackend.step``."""
     with _CLASSES_LOCK:
         if "tracker" not in _CLASSES:
-            import torch
-            from transformers import StoppingCriteria
-
             class RowTracker(StoppingCriteria):
                 def __init__(self, backend: HFStreamingBackend, rows: list[Row], prompt_len: int):
                     self.backend, self.rows, self.prompt_len = backend, rows, prompt_len
