@@ -13,12 +13,14 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+import ray.data
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import DataConfig, TrainingRecipe, resolve_path
+from zephyr_ray.data.mixture import describe, mix
 from zephyr_ray.data.pipeline import plan, stage_dataset
 from zephyr_ray.data.readers import read_rows
 from zephyr_ray.data.split import split_held_out
@@ -61,15 +63,9 @@ def stage_rows(data: DataConfig) -> tuple[Any, Any, str | None, list[dict[str, A
     """(training rows, held-out raw rows or None, where those come from, per-source report or None): ``data.path``
     through ``held_out_rows``, or ``data.mixture`` mixed on the driver (``data/mixture.py``) into Ray Datasets of
     the same raw-row shape."""
-    from zephyr_ray.data.readers import read_rows
-
     if not data.mixture:
         rows = read_rows(resolve_path(data.path), data.format, data.split, data.limit)
         return (*held_out_rows(rows, data), None)
-    import ray.data
-
-    from zephyr_ray.data.mixture import describe, mix
-
     mixed = mix(data.mixture, data.seed, data.split, data.limit)
     log.info("data mixture (seed %d):\n%s", data.seed, describe(mixed))
     if not mixed.train:
