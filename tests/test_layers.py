@@ -77,8 +77,6 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
                                              "Data tasks and data tests without torch",
     ("zephyr_ray/train/engine.py", "deepspeed"): "~1 s and an accelerator probe that logs; only training workers",
     ("zephyr_ray/train/engine.py", "transformers.integrations.HfDeepSpeedConfig"): "imports deepspeed (above)",
-    ("zephyr_ray/train/engine.py", "deepspeed.ops.adam.DeepSpeedCPUAdam"): "deepspeed (above); only with "
-                                                                         "CPU offload",
     ("zephyr_ray/train/lora.py", "peft"): "slow import (~6 s), only for LoRA runs",
     ("zephyr_ray/attention.py", "transformers"): "train/ imports this module for trains_one_row without "
                                                  "loading transformers (seconds); the functions run on a loaded model",
