@@ -23,7 +23,10 @@ from zephyr_ray.train.lora import (
 )
 from zephyr_ray.train.objectives import DPOObjective, collate_pairs, forward_logps
 
+from .conftest import ROOT
 from .test_dpo import _cfg, _columns, _pairs
+
+TINY_PIPELINE = ROOT / "configs" / "tiny" / "pipeline.yaml"
 
 R = 8
 
@@ -43,8 +46,8 @@ def test_bad_lora_settings_fail_at_load_naming_the_key(override, message):
 
 def test_lora_keys_in_a_pipeline_are_named_with_their_stage():
     with pytest.raises(ConfigError, match="dpo.model.lora.r=-1"):
-        load_config(None, ["dpo.model.lora.r=-1"], PipelineRecipe)
-    cfg = load_config(None, ["sft.model.lora.enabled=true", "sft.model.lora.target_modules=[q_proj,v_proj]"],
+        load_config(TINY_PIPELINE, ["dpo.model.lora.r=-1"], PipelineRecipe)
+    cfg = load_config(TINY_PIPELINE, ["sft.model.lora.enabled=true", "sft.model.lora.target_modules=[q_proj,v_proj]"],
                       PipelineRecipe)
     assert cfg.sft.model.lora.target_modules == ["q_proj", "v_proj"] and not cfg.dpo.model.lora.enabled
 
