@@ -56,9 +56,14 @@ Measured per configuration:
 * foreign CPU load and host matmul speed before each run, as in ``sft_throughput.py`` (a shared 2-core machine is
   noisy; ``--repeats N`` interleaves N rounds and keeps each configuration's best steady-state run).
 
-Ratios ours/TRL are given for every (ours, TRL) pair: steady and total throughput, tree and per-process peak RSS.
-The goals (>= 1.5x throughput, <= 0.7x peak memory) are checked per ours configuration against TRL's fastest
-configuration (throughput) and TRL's leanest (memory).
+Defaults put TRL at its best: precomputed reference and length-grouped sampler, whole or one-pair micro-batches
+(with accumulation), in one process (2 threads) or as 2 DDP processes under torchrun (gloo, 1 thread each, as our
+2 workers). The headline ratio is ours-2w against the fastest TRL configuration of the same run, printed only when
+every configuration trained the same non-pad tokens (token parity). Memory three ways (common.TreeSampler): the
+largest training process, all training processes summed (simultaneous peak), the whole process tree (RSS and
+PSS); the <= 0.7x goal is on the summed figure against TRL in the same layout and against single-process TRL.
+``--model smollm2-135m-instruct`` trains the real model (max length 512, 2 pairs per micro-batch by default);
+``--quick`` is a smoke run. Results: bench/results/dpo_throughput.json (bench/report.py publishes them).
 
     .venv/bin/python bench/dpo_throughput.py [--limit 512] [--global-batch 16] [--warmup 3] [--steps N]
         [--max-length 1024] [--max-prompt-length 512] [--repeats 1] [--out PATH]

@@ -32,9 +32,7 @@ prefill positions; ``decode_padding`` = decode positions spent on rows that had 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import build_model, load_prompts  # noqa: E402
+from common import build_model, envelope, load_prompts, write_result  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "generation_throughput.json"
 
@@ -195,39 +193,33 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each side keeps its fastest")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads, both sides (default: torch's)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--quick", action="store_true", help="smallest settings (checks the bench; not a result)")
     a = ap.parse_args()
+    if a.quick:
+        a.prompts, a.max_new_tokens, a.models, a.repeats = 8, 8, "tiny", 1
+    env = envelope("generation_throughput", a.quick)
     a.sides = a.sides.split(",")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    import transformers
 
     if a.threads:
         torch.set_num_threads(a.threads)
     prompts, source = load_prompts(a.prompts)
-    started = time.time()
     results = []
     with tempfile.TemporaryDirectory(prefix="gen_bench_") as work:
         for kind in a.models.split(","):
             print(f"[{kind}] {len(prompts)} prompts from {source}", flush=True)
             results.append(bench_model(kind, prompts, a, Path(work)))
     report = {
-        "command": " ".join([".venv/bin/python", "bench/generation_throughput.py", *sys.argv[1:]]),
-        "when_unix": started,
-        "elapsed_s": time.time() - started,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "loadavg_end": list(os.getloadavg())},
         "prompts": {"source": source, "count": len(prompts)},
         "params": {"max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
                    "max_prompt_length": a.max_prompt_length, "greedy": True, "repeats": a.repeats,
                    "torch_threads": torch.get_num_threads()},
         "results": results,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print_table(results)
-    print(f"\nwritten to {a.out}")
+    write_result(a.out, env, report)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ Configurations (``--ours``, ``--trl``; global batch = ``--global-batch`` packed 
   row of ~batch x max_length tokens (SDPA then computes a (batch x max_length)^2 masked attention);
 * trl-bs1-gas: per_device_train_batch_size = 1, gradient_accumulation_steps = batch (one packed row per forward).
 
+* trl-2p / trl-2p-bs1-gas: trl-bs / trl-bs1-gas as 2 DDP processes under torchrun (gloo, 1 thread each).
+
+Defaults put TRL at its best: every layout above (padding-free is on: TRL 1.16's bfd packing implies it, and on CPU
+SDPA reads the sequence boundaries from position_ids; a length-grouped sampler has nothing to group in packed rows
+of ~max_length). The headline ratio is ours-2w against the fastest TRL configuration of the same run, printed only
+when the trained non-pad tokens agree up to the packed rows each side left out of the last partial batch (token
+parity, reported). Memory three ways as in dpo_throughput.py. ``--model smollm2-135m-instruct`` trains the real
+model; ``--quick`` is a smoke run.
+
 The code under test is a snapshot of zephyr_ray/ and configs/ taken at start (first on PYTHONPATH for every
 process, Ray workers included), so edits to the checkout during a run do not mix versions.
 
