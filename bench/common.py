@@ -823,9 +823,13 @@ def load_prompts(n: int) -> tuple[list[str], str]:
 
 
 def build_model(kind: str, out: Path) -> str:
-    """``tiny`` as built by the project; ``medium`` = the tiny tokenizer with a bigger random Mistral."""
+    """``tiny`` as built by the project; ``medium`` = the tiny tokenizer with a bigger random Mistral; anything else
+    is a real model (an embedded name such as smollm2-135m-instruct, a GGUF file, an HF folder), resolved."""
+    from zephyr_ray.gguf_import import resolve
     from zephyr_ray.models import build_tiny
 
+    if kind not in ("tiny", "medium"):
+        return resolve(kind)
     path = build_tiny(out, seed=0)
     if kind == "medium":
         import torch

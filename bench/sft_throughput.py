@@ -404,14 +404,14 @@ COLUMNS = [  # (key, header, format) of the table printed here and in docs/bench
 ]
 
 
-def parity_of(summary: dict[str, dict], trained_rows: int, max_length: int) -> dict:
+def parity_of(summary: dict[str, dict], trained_rows: int, max_length: int, epochs: int = 1) -> dict:
     """Token parity: every configuration must train the same non-pad tokens, up to the packed rows each side left
     out of the last (partial) batch (their order differs: TRL shuffles, ours keeps packing order), each at most
     ``max_length`` tokens."""
     names = list(summary)
     if not names:
         return token_parity({})
-    left = {k: max(0, v["packed_rows"] - trained_rows) for k, v in summary.items()}
+    left = {k: max(0, v["packed_rows"] * epochs - trained_rows) for k, v in summary.items()}
     allowed = {k: (left[k] + left[names[0]]) * max_length for k in names}
     return {**token_parity({k: v["tokens_trained"] for k, v in summary.items()}, allowed),
             "rows_left_out": left}
@@ -510,7 +510,7 @@ def main() -> None:
     peak = max(mm_before["best_flops"], mm_after["best_flops"])  # MFU against the matmul rate of this run
     best = best_per_config(runs, [s["name"] for s, _ in specs], tokens_per_s)
     summary = summarize(best, runs, peak, prep["flops_per_token"])
-    parity = parity_of(summary, total_steps * a.global_batch if epochs == 1 else 0, a.max_length)
+    parity = parity_of(summary, total_steps * a.global_batch, a.max_length, epochs)
     heads = headlines(summary, parity)
     print(f"\ndSFT throughput, {prep['model']} ({prep['params_total']:,} params), max_length {a.max_length}, "
           f"{a.global_batch} packed rows/step, fp32, assistant-only loss, data {Path(prep['data_source']).name} "
