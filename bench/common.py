@@ -632,7 +632,10 @@ def run_side(script: Path, spec: dict, work: Path, env_extra: dict[str, str], ti
         sampler.join()
     wall = time.time() - t0
     if rc != 0 or not result_path.exists():
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        lines = log_path.read_text(errors="replace").splitlines(keepends=True)
+        # under torchrun the last lines are the launcher's; the rank's own exception comes earlier
+        errors = [x for x in lines[:-40] if "Error" in x or "error:" in x][:10]
+        tail = "".join([*errors, *(["...\n"] if errors else []), *lines[-40:]])
         return {"name": name, "side": spec["side"], "ok": False, "rc": rc, "log": str(log_path), "log_tail": tail}
     (work / f"{name}.cpu_timeline.json").write_text(json.dumps(sampler.timeline()))
     res = json.loads(result_path.read_text())

@@ -74,6 +74,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -261,20 +263,33 @@ def trl_trainer_class():
     return BenchDPOTrainer
 
 
+def run_dataset(spec: dict, grouped: bool):
+    """This run's own file-backed copy of the pairs (with a ``length`` column when ``grouped``: LengthGroupedSampler
+    reads lengths from it). File-backed, so TRL's precompute cache lands next to it where every rank finds it (an
+    in-memory dataset caches under a per-process temp folder); a copy per run, so no run reuses another's cache."""
+    from datasets import load_from_disk
+
+    src = Path(spec["ids_path"]).with_suffix(".grouped" if grouped else ".plain")
+    dst = Path(spec["output_dir"]) / "dataset"
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = dst.with_name("dataset.tmp")
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)  # whole, at once: the other ranks wait for it
+    while not dst.exists():
+        time.sleep(0.1)
+    return load_from_disk(str(dst))
+
+
 def side_trl(spec: dict) -> dict | None:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
     from zephyr_ray.models import load_tokenizer
 
     check_snapshot(spec["src"])
-    rows = read_jsonl(Path(spec["ids_path"]))
     grouped = spec.get("group_by_length", False)
-    if grouped:  # LengthGroupedSampler reads lengths from this column (DPO rows have no input_ids)
-        rows = [{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows]
-    dataset = Dataset.from_list(rows)
+    dataset = run_dataset(spec, grouped)
     tok = load_tokenizer(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
     args = DPOConfig(
@@ -333,6 +348,8 @@ def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_
             model: str | None = None) -> dict:
     """The shared model directory (the tiny random Mistral, or ``model`` resolved to an HF folder), the shared pairs
     (JSONL for ours) and their token ids (for TRL)."""
+    from datasets import Dataset
+
     from zephyr_ray.config import DataConfig
     from zephyr_ray.data.preference import preference_examples
     from zephyr_ray.gguf_import import resolve
@@ -349,6 +366,10 @@ def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_
     ids_path = work / "pair_ids.jsonl"
     fields = ("prompt_ids", "chosen_ids", "rejected_ids")
     ids_path.write_text("".join(json.dumps({k: e[k] for k in fields}) + "\n" for e in examples))
+    ids = [{k: e[k] for k in fields} for e in examples]
+    Dataset.from_list(ids).save_to_disk(str(ids_path.with_suffix(".plain")))
+    Dataset.from_list([{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
+                       for r in ids]).save_to_disk(str(ids_path.with_suffix(".grouped")))
     longest = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     return {
         "model": model or "tiny random Mistral (build_tiny, seed 0)",
@@ -522,16 +543,18 @@ def main() -> None:
         side_main(a, {"ours": side_ours, "trl": side_trl})
         return
     real = a.model is not None
+    a.ours_trl_named = a.ours is not None or a.trl is not None
     quick = {"limit": 16, "warmup": 1, "max_length": 256, "max_prompt_length": 128, "global_batch": 4,
              "ours": "ours-2w", "trl": "trl-precompute-grouped,trl-2p-precompute-grouped"} if a.quick else {}
     defaults = {"limit": REAL_LIMIT if real else 512, "max_length": 512 if real else 1024,
                 "max_prompt_length": 256 if real else 512, "global_batch": 4 if real else 16,
                 "ours": DEFAULT_OURS, "trl": DEFAULT_TRL}
+    for k, v in quick.items():  # --quick: smallest settings (the configurations only where none were named)
+        if k not in ("ours", "trl") or not a.ours_trl_named:
+            setattr(a, k, v)
     for k, v in defaults.items():
         if getattr(a, k) is None:
-            setattr(a, k, v)
-    for k, v in quick.items():  # --quick: smallest settings, whatever else was asked
-        setattr(a, k, v)
+            setattr(a, k, "" if k in ("ours", "trl") and a.ours_trl_named else v)
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
     session = start_session(a.work_dir, "dpo_bench_", f"data {data_src}", quick=a.quick)

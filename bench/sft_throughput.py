@@ -470,8 +470,8 @@ def main() -> None:
     ap.add_argument("--model", default=None,
                     help="a real model both sides train instead of the tiny one (an embedded name such as "
                     "smollm2-135m-instruct, a GGUF file or an HF folder; zephyr_ray.gguf_import.resolve)")
-    ap.add_argument("--ours", default=DEFAULT_OURS, help=f"of {list(OURS_CONFIGS)}")
-    ap.add_argument("--trl", default=DEFAULT_TRL, help=f"of {list(TRL_CONFIGS)}")
+    ap.add_argument("--ours", default=None, help=f"of {list(OURS_CONFIGS)} (default {DEFAULT_OURS})")
+    ap.add_argument("--trl", default=None, help=f"of {list(TRL_CONFIGS)} (default {DEFAULT_TRL})")
     add_common_args(ap, DEFAULT_OUT)
     a = ap.parse_args()
     if a._side:
@@ -481,9 +481,13 @@ def main() -> None:
         a.limit = REAL_LIMIT if a.model else 256
     if a.max_length is None:
         a.max_length = 512 if a.model else 1024
-    if a.quick:  # smallest settings, whatever else was asked
+    named = a.ours is not None or a.trl is not None  # naming either runs only what was named
+    if a.quick:  # smallest settings
         a.limit, a.max_length, a.global_batch, a.warmup = 32, 256, 2, 1
-        a.ours, a.trl = "ours-2w", "trl-bs,trl-2p"
+        if not named:
+            a.ours, a.trl = "ours-2w", "trl-bs,trl-2p"
+    a.ours = a.ours if a.ours is not None else ("" if named else DEFAULT_OURS)
+    a.trl = a.trl if a.trl is not None else ("" if named else DEFAULT_TRL)
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
     session = start_session(a.work_dir, "sft_bench_", f"data {data_src}", quick=a.quick)
