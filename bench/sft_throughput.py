@@ -291,11 +291,12 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         labels = enc["labels"][:max_length]
         lengths.append(len(labels))
         head_positions += sum(1 for t in labels[1:] if t != -100)  # positions followed by a trained token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    c = model.config
-    total = sum(p.numel() for p in model.parameters())
-    head = model.get_output_embeddings().weight.numel()
-    body = total - model.get_input_embeddings().weight.numel() - head
+    net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    c = net.config
+    total = sum(p.numel() for p in net.parameters())
+    emb, out_w = net.get_input_embeddings().weight, net.get_output_embeddings().weight
+    head = out_w.numel()
+    body = total - emb.numel() - (0 if out_w is emb else head)  # a tied head (SmolLM2) is counted once in total
     s_eff = sum(x * x for x in lengths) / sum(lengths)
     f_head = head_positions / sum(lengths)
     flops_per_token = 6 * body + 6 * head * f_head + 6 * c.num_hidden_layers * c.hidden_size * s_eff
@@ -310,7 +311,7 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         "tokens_after_truncation": sum(lengths),
         "truncated_rows": sum(1 for x in lengths if x == max_length),
         "params_total": total,
-        "params_non_embedding": total - model.get_input_embeddings().weight.numel(),
+        "params_non_embedding": total - net.get_input_embeddings().weight.numel(),
         "params_body": body,
         "params_head": head,
         "head_fraction": f_head,
