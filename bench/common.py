@@ -223,10 +223,11 @@ def envelope(bench: str, quick: bool = False) -> dict:
 
 def write_result(out: Path, env: dict, payload: dict) -> None:
     """``env`` (from :func:`envelope`) + the bench's figures, with the load at the end added to the machine."""
-    env = {**env, "machine": {**env["machine"], "loadavg_end": os.getloadavg()},
-           "elapsed_s": time.time() - env["when_unix"]}
+    machine = {**env["machine"], **payload.get("machine", {}), "loadavg_end": os.getloadavg()}  # the bench's own
+    # machine figures (matmul rates, foreign load) join the envelope's, never replace them
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**env, **payload}, indent=2, default=str) + "\n")
+    out.write_text(json.dumps({**env, **payload, "machine": machine, "elapsed_s": time.time() - env["when_unix"]},
+                              indent=2, default=str) + "\n")
     print(f"\nwrote {out}")
 
 

@@ -28,7 +28,6 @@ Writes $OUT/gpu_train_step.json when OUT is set, else bench/results/gpu_train_st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import envelope, write_result  # noqa: E402
 
 from zephyr_ray.data.packing import collate, pack_sequences  # noqa: E402
 from zephyr_ray.data.tokenize import IGNORE_INDEX  # noqa: E402
@@ -333,6 +333,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    env = envelope("gpu_train_step", a.smoke)
 
     try:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
@@ -448,7 +449,6 @@ def main() -> None:
     print(f"loss path: {LOSS_PATH['name']}; pair collation: {PAIRS_FROM}")
 
     payload = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "smoke": a.smoke,
         "device": dev_name,
         "torch": torch.__version__,
@@ -474,9 +474,7 @@ def main() -> None:
         if os.environ.get("OUT")
         else ROOT / "bench" / "results" / "gpu_train_step.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out}")
+    write_result(out, env, payload)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,20 @@ def test_fastest_peer_and_memory_goal(common):
     goals = {g["peer"]: g for g in common.memory_goal(summary, "ours-2w", 0.7)}
     assert goals["trl-2p"]["ratio"] == pytest.approx(0.6) and goals["trl-2p"]["met"]
     assert goals["trl-bs"]["ratio"] == pytest.approx(1.2) and not goals["trl-bs"]["met"]
+
+
+def test_every_result_carries_its_provenance(common, report, tmp_path):
+    """envelope + write_result: command, commit, machine (the bench's own machine figures merged in, not replacing
+    cores / CPU model / load), package versions; and report.py publishes it unless it is a smoke run."""
+    env = common.envelope("dpo_throughput", quick=False)
+    out = tmp_path / "results" / "dpo_throughput.json"
+    common.write_result(out, env, {"machine": {"matmul_fp32_peak_flops": 5e10}, "headline": []})
+    r = json.loads(out.read_text())
+    assert r["bench"] == "dpo_throughput" and r["quick"] is False and r["command"]
+    assert len(r["git"]["commit"]) == 40
+    m = r["machine"]
+    assert m["cores"] >= 1 and m["cpu_model"] and len(m["loadavg_start"]) == 3 and len(m["loadavg_end"]) == 3
+    assert m["matmul_fp32_peak_flops"] == 5e10
+    assert r["packages"]["torch"] and "trl" in r["packages"]
+    results, skipped = report.load_results(tmp_path / "results")
+    assert [x["bench"] for x in results] == ["dpo_throughput"] and skipped == []
