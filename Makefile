@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/zephyr-ray/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: install demo demo-tiny test test-fast bench bench-quick bench-report bench-real lint docs
+.PHONY: install demo demo-tiny test test-fast bench bench-quick bench-report bench-smollm2 bench-real lint docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ bench-quick: install
 	$(PY) bench/aif_throughput.py --quick --out $(QUICK)/aif_throughput.json
 	$(PY) bench/eval_mt_bench.py --quick --out $(QUICK)/eval_mt_bench.json
 	$(PY) bench/serve_load.py --quick --out $(QUICK)/serve_load.json
+
+# dSFT and dDPO against TRL on the real SmolLM2-135M-Instruct and ../shared sequences (~30 min; separate files:
+# bench/results/{sft,dpo}_throughput-smollm2-135m-instruct.json).
+bench-smollm2: install
+	$(PY) bench/sft_throughput.py --model smollm2-135m-instruct --repeats $(REPEATS)
+	$(PY) bench/dpo_throughput.py --model smollm2-135m-instruct --repeats $(REPEATS)
+	$(MAKE) bench-report
 
 # docs/benchmarks.md and README's figures between <!-- bench:begin/end --> from bench/results/*.json.
 bench-report:

@@ -267,6 +267,12 @@ def memory_goal(summary: dict[str, dict], ours: str, goal: float) -> list[dict]:
     return out
 
 
+def bench_name(script: str, model: str | None) -> str:
+    """A bench's name in bench/results/: the script's, plus the real model's when one is given (so the tiny and the
+    real-model runs keep separate files)."""
+    return script if not model else f"{script}-{Path(model).name.removesuffix('.gguf')}"
+
+
 def headline(name: str, ours: dict | None, peer: dict | None, key: str, unit: str, parity_ok: bool,
              goal: float | None = None, lower_is_better: bool = False) -> dict:
     """One ratio for the README: ours against the named peer, or the reason there is none."""
@@ -784,10 +790,12 @@ class Session:
     keep_work: bool
 
 
-def start_session(work_dir: Path | None, prefix: str, note: str, quick: bool = False) -> Session:
-    """Work folder, code snapshot (put first on this process's path too), and the run's envelope for the record."""
+def start_session(work_dir: Path | None, prefix: str, note: str, quick: bool = False, bench: str | None = None
+                  ) -> Session:
+    """Work folder, code snapshot (put first on this process's path too), and the run's envelope for the record
+    (``bench``: its name in bench/results/, default the script's)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_TORCH_EXTENSIONS))
-    env = envelope(Path(sys.argv[0]).stem, quick)
+    env = envelope(bench or Path(sys.argv[0]).stem, quick)
     work = (work_dir or Path(tempfile.mkdtemp(prefix=prefix))).absolute()
     work.mkdir(parents=True, exist_ok=True)
     src, code = snapshot_code(work)

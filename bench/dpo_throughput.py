@@ -86,6 +86,7 @@ from common import (
     TRL_COMMON_ARGS,
     MetricsTail,
     add_common_args,
+    bench_name,
     best_per_config,
     check_snapshot,
     deltas,
@@ -112,7 +113,8 @@ SHARED_DATA = SHARED_DATA_DIR / "gpt4_preferences.jsonl"
 SAMPLE_DATA = ROOT / "data" / "sample" / "prefs.jsonl"
 DEFAULT_OUT = ROOT / "bench" / "results" / "dpo_throughput.json"
 BETA, LR, WARMUP_RATIO = 0.1, 5e-4, 0.1
-REAL_LIMIT = 64  # pairs with --model (a 135M model: ~10x the tiny one's step time)  # configs/tiny/dpo.yaml's, given to both sides explicitly
+REAL_LIMIT = 24  # pairs with --model (a 135M model: a step of 4 pairs x 512 tokens takes ~30-60 s on 2 cores)
+REAL_OURS, REAL_TRL = "ours-2w", "trl-precompute-grouped,trl-2p-precompute-grouped"  # fewer: ~6 min each  # configs/tiny/dpo.yaml's, given to both sides explicitly
 
 OURS_CONFIGS = {
     # configs/tiny/dpo.yaml as shipped: 2 workers x 0.5 CPU (Ray gives each OMP_NUM_THREADS=1), ZeRO-2.
@@ -548,7 +550,7 @@ def main() -> None:
              "ours": "ours-2w", "trl": "trl-precompute-grouped,trl-2p-precompute-grouped"} if a.quick else {}
     defaults = {"limit": REAL_LIMIT if real else 512, "max_length": 512 if real else 1024,
                 "max_prompt_length": 256 if real else 512, "global_batch": 4 if real else 16,
-                "ours": DEFAULT_OURS, "trl": DEFAULT_TRL}
+                "ours": REAL_OURS if real else DEFAULT_OURS, "trl": REAL_TRL if real else DEFAULT_TRL}
     for k, v in quick.items():  # --quick: smallest settings (the configurations only where none were named)
         if k not in ("ours", "trl") or not a.ours_trl_named:
             setattr(a, k, v)
@@ -557,7 +559,11 @@ def main() -> None:
             setattr(a, k, "" if k in ("ours", "trl") and a.ours_trl_named else v)
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
-    session = start_session(a.work_dir, "dpo_bench_", f"data {data_src}", quick=a.quick)
+    bench = bench_name("dpo_throughput", a.model)
+    if a.out == DEFAULT_OUT:
+        a.out = DEFAULT_OUT.with_name(f"{bench}.json")
+    session = start_session(a.work_dir, "dpo_bench_", f"data {data_src}", quick=a.quick,
+                            bench=bench)
     prep = prepare(session.work, data_src, a.limit, a.max_length, a.max_prompt_length, a.model)
     pairs = prep["pairs"]
     if pairs % a.global_batch:

@@ -72,6 +72,7 @@ from common import (
     TRL_COMMON_ARGS,
     MetricsTail,
     add_common_args,
+    bench_name,
     best_per_config,
     check_snapshot,
     deltas,
@@ -488,10 +489,15 @@ def main() -> None:
         if not named:
             a.ours, a.trl = "ours-2w", "trl-bs,trl-2p"
     a.ours = a.ours if a.ours is not None else ("" if named else DEFAULT_OURS)
-    a.trl = a.trl if a.trl is not None else ("" if named else DEFAULT_TRL)
+    real_trl = "trl-bs1-gas,trl-2p-bs1-gas"  # with --model: fewer configurations (a 135M model, minutes each)
+    a.trl = a.trl if a.trl is not None else ("" if named else (real_trl if a.model else DEFAULT_TRL))
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
-    session = start_session(a.work_dir, "sft_bench_", f"data {data_src}", quick=a.quick)
+    bench = bench_name("sft_throughput", a.model)
+    if a.out == DEFAULT_OUT:
+        a.out = DEFAULT_OUT.with_name(f"{bench}.json")
+    session = start_session(a.work_dir, "sft_bench_", f"data {data_src}", quick=a.quick,
+                            bench=bench)
     prep = prepare(session.work, data_src, a.max_length, a.limit, a.arch, a.model)
     # Packed rows come out of best-fit decreasing fullest first (long single dialogues, then packed short ones),
     # so a window shorter than an epoch sees an unrepresentative mix; by default the window is the whole epoch.
