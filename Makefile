@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/zephyr-ray/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: install demo demo-tiny test test-fast bench bench-real lint docs
+.PHONY: install demo demo-tiny test test-fast bench bench-quick bench-report bench-smollm2 bench-real lint docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,13 +39,40 @@ test: install
 test-fast: install
 	ZEPHYR_RAY_TESTS=fast $(PY) -m pytest -q -p no:cacheprovider -m "not ray and not slow"
 
+# The throughput/memory benchmarks, one run each (~40 min on 2 cores); REPEATS=3 for the full run. Each writes
+# bench/results/<bench>.json; bench-report turns them into docs/benchmarks.md and README's headline figures.
+REPEATS ?= 1
 bench: install
-	$(PY) bench/sft_throughput.py
-	$(PY) bench/dpo_throughput.py
-	$(PY) bench/generation_throughput.py
+	$(PY) bench/sft_throughput.py --repeats $(REPEATS)
+	$(PY) bench/dpo_throughput.py --repeats $(REPEATS)
+	$(PY) bench/streaming_memory.py
+	$(PY) bench/generation_throughput.py --repeats $(REPEATS)
 	$(PY) bench/aif_throughput.py
 	$(PY) bench/eval_mt_bench.py
-	$(PY) bench/serve_load.py
+	$(PY) bench/serve_load.py --rounds $(REPEATS)
+	$(MAKE) bench-report
+
+# Every bench end to end at its smallest settings (a minute or two each); figures go to a temporary folder.
+bench-quick: install
+	$(eval QUICK := $(shell mktemp -d))
+	$(PY) bench/sft_throughput.py --quick --out $(QUICK)/sft_throughput.json
+	$(PY) bench/dpo_throughput.py --quick --out $(QUICK)/dpo_throughput.json
+	$(PY) bench/streaming_memory.py --quick --out $(QUICK)/streaming_memory.json
+	$(PY) bench/generation_throughput.py --quick --out $(QUICK)/generation_throughput.json
+	$(PY) bench/aif_throughput.py --quick --out $(QUICK)/aif_throughput.json
+	$(PY) bench/eval_mt_bench.py --quick --out $(QUICK)/eval_mt_bench.json
+	$(PY) bench/serve_load.py --quick --out $(QUICK)/serve_load.json
+
+# dSFT and dDPO against TRL on the real SmolLM2-135M-Instruct and ../shared sequences (~30 min; separate files:
+# bench/results/{sft,dpo}_throughput-smollm2-135m-instruct.json).
+bench-smollm2: install
+	$(PY) bench/sft_throughput.py --model smollm2-135m-instruct --repeats $(REPEATS)
+	$(PY) bench/dpo_throughput.py --model smollm2-135m-instruct --repeats $(REPEATS)
+	$(MAKE) bench-report
+
+# docs/benchmarks.md and README's figures between <!-- bench:begin/end --> from bench/results/*.json.
+bench-report:
+	$(PY) bench/report.py
 
 # Learning on real data (../shared AlpacaEval files): dSFT -> dDPO -> win rate of SmolLM2-135M-Instruct, ~30 min.
 bench-real: install

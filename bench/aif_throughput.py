@@ -13,9 +13,7 @@ aspect prompts per completion), binarization and output. Reports completions/s o
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import envelope, write_result  # noqa: E402
+
 DEFAULT_OUT = ROOT / "bench" / "results" / "aif_throughput.json"
 
 
@@ -31,7 +31,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--quick", action="store_true", help="smallest settings (checks the bench; not a result)")
     a = ap.parse_args()
+    if a.quick:
+        a.prompts, a.max_new_tokens = 8, 8
+    env = envelope("aif_throughput", a.quick)
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
 
@@ -63,14 +67,11 @@ def main() -> None:
         print(f"{name:<24}{s:>10.1f}{n:>8}{rate:>10.2f}")
     print(f"pairs {result.pairs}, prompts skipped {result.skipped}; items = prompts (generate), "
           f"judge calls = completions x aspects (judge), completions (whole step)")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    write_result(a.out, env, {
         "args": {k: str(v) for k, v in vars(a).items()},
         "wall_s": wall, "completions": completions, "completions_per_s": completions / wall,
         "judge_calls": judge_calls, "phases_s": phases, "pairs": result.pairs, "skipped": result.skipped,
-    }, indent=2))
-    print(f"wrote {a.out}")
+    })
 
 
 if __name__ == "__main__":

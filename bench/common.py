@@ -165,6 +165,128 @@ def machine_info(mm_before: dict, mm_after: dict) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "deepspeed", "ray", "peft", "psutil")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages the benches measure (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state() -> dict:
+    """The checkout's commit and whether the code under test (zephyr_ray/, configs/, bench/) differs from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--", "zephyr_ray", "configs", "bench", ":!bench/results"))}
+
+
+def envelope(bench: str, quick: bool = False) -> dict:
+    """What every ``bench/results/<bench>.json`` starts with, so a figure can be traced to its run: the bench, the
+    command line, the commit, the machine (cores, CPU model, load) and package versions. ``quick``: a smoke run
+    whose figures are not results (``bench/report.py`` refuses to publish them)."""
+    exe = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    return {
+        "schema": 1,
+        "bench": bench,
+        "command": " ".join([exe, *sys.argv]),
+        "quick": quick,
+        "when_unix": time.time(),
+        "git": git_state(),
+        "machine": {"cores": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+        "packages": package_versions(),
+    }
+
+
+def write_result(out: Path, env: dict, payload: dict) -> None:
+    """``env`` (from :func:`envelope`) + the bench's figures, with the load at the end added to the machine."""
+    machine = {**env["machine"], **payload.get("machine", {}), "loadavg_end": os.getloadavg()}  # the bench's own
+    # machine figures (matmul rates, foreign load) join the envelope's, never replace them
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**env, **payload, "machine": machine, "elapsed_s": time.time() - env["when_unix"]},
+                              indent=2, default=str) + "\n")
+    print(f"\nwrote {out}")
+
+
+def token_parity(tokens: dict[str, int], allowed: dict[str, int] | None = None) -> dict:
+    """Did every configuration train the same real (non-pad) tokens? ``allowed``: per configuration, how many
+    tokens it may differ from the reference (the first configuration) by, for a stated reason such as packing
+    dropping a different remainder; beyond that no ratio may be printed."""
+    names = list(tokens)
+    if not names:
+        return {"ok": False, "reference": None, "tokens": {}, "differences": {}}
+    ref = tokens[names[0]]
+    diff = {n: tokens[n] - ref for n in names}
+    allowed = allowed or {}
+    bad = {n: d for n, d in diff.items() if abs(d) > allowed.get(n, 0)}
+    return {"ok": not bad, "reference": names[0], "tokens": tokens, "differences": diff, "allowed": allowed,
+            "beyond_allowed": bad}
+
+
+def fastest(summary: dict[str, dict], side: str, key: str) -> dict | None:
+    """The configuration of ``side`` with the highest ``key`` in this run (the peer a headline ratio is against)."""
+    rows = [v for v in summary.values() if v["side"] == side and v.get(key) is not None]
+    return max(rows, key=lambda v: v[key], default=None)
+
+
+def memory_goal(summary: dict[str, dict], ours: str, goal: float) -> list[dict]:
+    """Summed training-process RSS of ``ours`` against each peer with the same number of training processes and
+    against each single-process peer: ratio and whether it is <= ``goal``."""
+    o = summary[ours]
+    out = []
+    for v in summary.values():
+        if v["side"] == o["side"] or v.get("train_sum_rss_mb") is None or not o.get("train_sum_rss_mb"):
+            continue
+        if v["train_processes"] in (1, o["train_processes"]):
+            r = o["train_sum_rss_mb"] / v["train_sum_rss_mb"]
+            out.append({"ours": ours, "peer": v["name"], "peer_processes": v["train_processes"],
+                        "ours_processes": o["train_processes"], "ratio": r, "goal": goal, "met": r <= goal})
+    return out
+
+
+def bench_name(script: str, model: str | None) -> str:
+    """A bench's name in bench/results/: the script's, plus the real model's when one is given (so the tiny and the
+    real-model runs keep separate files)."""
+    return script if not model else f"{script}-{Path(model).name.removesuffix('.gguf')}"
+
+
+def headline(name: str, ours: dict | None, peer: dict | None, key: str, unit: str, parity_ok: bool,
+             goal: float | None = None, lower_is_better: bool = False) -> dict:
+    """One ratio for the README: ours against the named peer, or the reason there is none."""
+    if ours is None or peer is None:
+        return {"name": name, "ratio": None, "why_none": "a side failed", "unit": unit}
+    if not parity_ok:
+        return {"name": name, "ratio": None, "why_none": "token parity failed", "unit": unit,
+                "ours_config": ours["name"], "peer_config": peer["name"]}
+    r = ours[key] / peer[key] if peer[key] else None
+    met = None if goal is None or r is None else (r <= goal if lower_is_better else r >= goal)
+    return {"name": name, "ratio": r, "unit": unit, "ours_config": ours["name"], "ours_value": ours[key],
+            "peer_config": peer["name"], "peer_value": peer[key], "goal": goal, "met": met}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # measurements taken inside a side
 
@@ -301,9 +423,15 @@ class TreeSampler(threading.Thread):
     each process's own peak RSS/PSS, the summed RSS over time (for peaks within a phase), plus cumulative CPU of
     the tree and of the whole machine (to tell how busy everything else was)."""
 
-    def __init__(self, pid: int, period: float = 1.0, pss_period: float = 5.0):
+    def __init__(self, pid: int, period: float = 1.0, pss_period: float = 5.0,
+                 is_trainer: Callable[[str], bool] | None = None):
         super().__init__(daemon=True)
         import psutil
+
+        # Which processes train (by label): their RSS/PSS are also summed per sample, so "all training processes"
+        # is a simultaneous peak, not a sum of peaks reached at different times.
+        self.is_trainer = is_trainer or (lambda label: False)
+        self.peak_train_rss, self.peak_train_pss = 0, 0
 
         self.psutil = psutil
         self.root = psutil.Process(pid)
@@ -354,25 +482,30 @@ class TreeSampler(threading.Thread):
                 break
             total, parts = 0, []
             want_pss = time.time() - last_pss >= self.pss_period
-            pss = 0
+            pss, train_rss, train_pss = 0, 0, 0
             for p in procs:
                 try:
                     rss = p.memory_info().rss
                     t = p.cpu_times()
                     self.cpu_by_pid[p.pid] = t.user + t.system
                     self._relabel(p)
+                    trainer = self.is_trainer(self.labels.get(p.pid, "?"))
                     if want_pss:
                         own_pss = p.memory_full_info().pss
                         pss += own_pss
+                        train_pss += own_pss if trainer else 0
                         self.peak_pss_by_pid[p.pid] = max(self.peak_pss_by_pid.get(p.pid, 0), own_pss)
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                     continue
                 total += rss
+                train_rss += rss if trainer else 0
                 parts.append((self.labels.get(p.pid, "?"), rss))
                 self.peak_rss_by_pid[p.pid] = max(self.peak_rss_by_pid.get(p.pid, 0), rss)
+            self.peak_train_rss = max(self.peak_train_rss, train_rss)
             if want_pss:
                 last_pss = time.time()
                 self.peak_pss = max(self.peak_pss, pss)
+                self.peak_train_pss = max(self.peak_train_pss, train_pss)
             if total > self.peak_rss:
                 self.peak_rss, self.peak_procs = total, len(parts)
                 self.peak_breakdown = sorted(parts, key=lambda x: -x[1])
@@ -441,6 +574,21 @@ class TreeSampler(threading.Thread):
         inside = [rss for t, rss in self.rss_series if start <= t <= end]
         return max(inside) if inside else None
 
+    def memory(self) -> dict:
+        """Memory three ways (MB): the largest training process, all training processes together (peak of the
+        per-sample sum), the whole process tree; each as RSS and PSS (PSS splits shared pages between processes)."""
+        own = [(pid, rss) for pid, rss in self.peak_rss_by_pid.items() if self.is_trainer(self.labels.get(pid, "?"))]
+        largest = max(own, key=lambda x: x[1], default=None)
+        return {
+            "train_processes": len(own),
+            "largest_train_rss_mb": largest[1] / MB if largest else None,
+            "largest_train_pss_mb": (self.peak_pss_by_pid.get(largest[0], 0) / MB) if largest else None,
+            "train_sum_rss_mb": self.peak_train_rss / MB if own else None,
+            "train_sum_pss_mb": self.peak_train_pss / MB if own else None,
+            "tree_rss_mb": self.peak_rss / MB,
+            "tree_pss_mb": self.peak_pss / MB,
+        }
+
     def processes(self) -> list[dict]:
         """Every process seen (``root``: the side's own process), with its own peak RSS and PSS, largest peak RSS
         first."""
@@ -470,13 +618,17 @@ def run_side(script: Path, spec: dict, work: Path, env_extra: dict[str, str], ti
     spec_path, result_path, log_path = (work / f"{name}.{x}" for x in ("spec.json", "result.json", "log"))
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(script), "--_side", spec["side"], "--_spec", str(spec_path), "--_result",
-           str(result_path)]
+    cmd = [str(script), "--_side", spec["side"], "--_spec", str(spec_path), "--_result", str(result_path)]
+    nproc = int(spec.get("nproc", 1))
+    if nproc > 1:  # a peer run data-parallel: torchrun starts nproc copies of the side (rank 0 writes the result)
+        cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    cmd = [sys.executable, *cmd]
+    trainer_label = spec.get("trainer_label") or script.name
     t0 = time.time()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work,
                                 env=env_for_children(Path(spec["src"]), env_extra))
-        sampler = TreeSampler(proc.pid)
+        sampler = TreeSampler(proc.pid, is_trainer=lambda label: label.startswith(trainer_label))
         sampler.start()
         try:
             rc = proc.wait(timeout=timeout)
@@ -487,7 +639,10 @@ def run_side(script: Path, spec: dict, work: Path, env_extra: dict[str, str], ti
         sampler.join()
     wall = time.time() - t0
     if rc != 0 or not result_path.exists():
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        lines = log_path.read_text(errors="replace").splitlines(keepends=True)
+        # under torchrun the last lines are the launcher's; the rank's own exception comes earlier
+        errors = [x for x in lines[:-40] if "Error" in x or "error:" in x][:10]
+        tail = "".join([*errors, *(["...\n"] if errors else []), *lines[-40:]])
         return {"name": name, "side": spec["side"], "ok": False, "rc": rc, "log": str(log_path), "log_tail": tail}
     (work / f"{name}.cpu_timeline.json").write_text(json.dumps(sampler.timeline()))
     res = json.loads(result_path.read_text())
@@ -503,6 +658,7 @@ def run_side(script: Path, spec: dict, work: Path, env_extra: dict[str, str], ti
         "peak_rss_processes": sampler.peak_procs,
         "peak_rss_top": [{"process": n, "rss_mb": round(r / MB, 1)} for n, r in sampler.peak_breakdown[:8]],
         "peak_rss_by_process": sampler.processes(),
+        "memory": sampler.memory(),
         "foreign_cpu_cores_in_window": sampler.foreign_cores(start, end),
         "own_cpu_cores_in_window": sampler.tree_cores(start, end),
         "sampler_cpu_cores_in_window": sampler.sampler_cores(start, end),
@@ -609,15 +765,20 @@ def add_common_args(ap: argparse.ArgumentParser, default_out: Path) -> None:
     ap.add_argument("--out", type=Path, default=default_out)
     ap.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder, removed at the end")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--quick", action="store_true",
+                    help="smallest settings (a minute or two): checks the bench end to end; its figures are not results")
     ap.add_argument("--_side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
 
 
-def side_main(a: argparse.Namespace, sides: dict[str, Callable[[dict], dict]]) -> None:
-    """The body of a ``--_side`` subprocess: run one configuration's spec, write its result."""
+def side_main(a: argparse.Namespace, sides: dict[str, Callable[[dict], dict | None]]) -> None:
+    """The body of a ``--_side`` subprocess: run one configuration's spec, write its result (under torchrun only
+    rank 0 returns one; the other ranks return None)."""
     spec = json.loads(a._spec.read_text())
-    a._result.write_text(json.dumps(sides[a._side](spec)))
+    result = sides[a._side](spec)
+    if result is not None:
+        a._result.write_text(json.dumps(result))
 
 
 @dataclass
@@ -625,19 +786,18 @@ class Session:
     work: Path
     src: Path  # the code snapshot (first on sys.path from here on)
     code: dict
-    command: str
-    t_start: float
+    env: dict  # envelope(): command, commit, machine, packages
     keep_work: bool
 
 
-def start_session(work_dir: Path | None, prefix: str, note: str) -> Session:
-    """Work folder, code snapshot (put first on this process's path too), and the command line for the record."""
+def start_session(work_dir: Path | None, prefix: str, note: str, quick: bool = False, bench: str | None = None
+                  ) -> Session:
+    """Work folder, code snapshot (put first on this process's path too), and the run's envelope for the record
+    (``bench``: its name in bench/results/, default the script's)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_TORCH_EXTENSIONS))
-    exe = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
-    command = " ".join([exe, *sys.argv])
+    env = envelope(bench or Path(sys.argv[0]).stem, quick)
     work = (work_dir or Path(tempfile.mkdtemp(prefix=prefix))).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
     src, code = snapshot_code(work)
     sys.path.insert(0, str(src))
     print(
@@ -645,14 +805,11 @@ def start_session(work_dir: Path | None, prefix: str, note: str) -> Session:
         f"{len(code['uncommitted'])} uncommitted files); {note}",
         flush=True,
     )
-    return Session(work, src, code, command, t_start, keep_work=work_dir is not None)
+    return Session(work, src, code, env, keep_work=work_dir is not None)
 
 
 def finish_session(s: Session, payload: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": s.command, "when_unix": s.t_start, "elapsed_s": time.time() - s.t_start,
-                               "code": s.code, **payload}, indent=2))
-    print(f"\nwrote {out}")
+    write_result(out, s.env, {"code": s.code, **payload})
     if not s.keep_work:
         shutil.rmtree(s.work, ignore_errors=True)
 
@@ -678,9 +835,13 @@ def load_prompts(n: int) -> tuple[list[str], str]:
 
 
 def build_model(kind: str, out: Path) -> str:
-    """``tiny`` as built by the project; ``medium`` = the tiny tokenizer with a bigger random Mistral."""
+    """``tiny`` as built by the project; ``medium`` = the tiny tokenizer with a bigger random Mistral; anything else
+    is a real model (an embedded name such as smollm2-135m-instruct, a GGUF file, an HF folder), resolved."""
+    from zephyr_ray.gguf_import import resolve
     from zephyr_ray.models import build_tiny
 
+    if kind not in ("tiny", "medium"):
+        return resolve(kind)
     path = build_tiny(out, seed=0)
     if kind == "medium":
         import torch

@@ -56,9 +56,14 @@ Measured per configuration:
 * foreign CPU load and host matmul speed before each run, as in ``sft_throughput.py`` (a shared 2-core machine is
   noisy; ``--repeats N`` interleaves N rounds and keeps each configuration's best steady-state run).
 
-Ratios ours/TRL are given for every (ours, TRL) pair: steady and total throughput, tree and per-process peak RSS.
-The goals (>= 1.5x throughput, <= 0.7x peak memory) are checked per ours configuration against TRL's fastest
-configuration (throughput) and TRL's leanest (memory).
+Defaults put TRL at its best: precomputed reference and length-grouped sampler, whole or one-pair micro-batches
+(with accumulation), in one process (2 threads) or as 2 DDP processes under torchrun (gloo, 1 thread each, as our
+2 workers). The headline ratio is ours-2w against the fastest TRL configuration of the same run, printed only when
+every configuration trained the same non-pad tokens (token parity). Memory three ways (common.TreeSampler): the
+largest training process, all training processes summed (simultaneous peak), the whole process tree (RSS and
+PSS); the <= 0.7x goal is on the summed figure against TRL in the same layout and against single-process TRL.
+``--model smollm2-135m-instruct`` trains the real model (max length 512, 2 pairs per micro-batch by default);
+``--quick`` is a smoke run. Results: bench/results/dpo_throughput.json (bench/report.py publishes them).
 
     .venv/bin/python bench/dpo_throughput.py [--limit 512] [--global-batch 16] [--warmup 3] [--steps N]
         [--max-length 1024] [--max-prompt-length 512] [--repeats 1] [--out PATH]
@@ -69,6 +74,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -79,13 +86,16 @@ from common import (
     TRL_COMMON_ARGS,
     MetricsTail,
     add_common_args,
+    bench_name,
     best_per_config,
     check_snapshot,
     deltas,
+    fastest,
     finish_session,
     fmt,
-    machine_info,
+    headline,
     matmul_flops,
+    memory_goal,
     names_in,
     print_failures,
     print_noise_notes,
@@ -96,12 +106,15 @@ from common import (
     start_session,
     steady_state,
     step_clock,
+    token_parity,
 )
 
 SHARED_DATA = SHARED_DATA_DIR / "gpt4_preferences.jsonl"
 SAMPLE_DATA = ROOT / "data" / "sample" / "prefs.jsonl"
 DEFAULT_OUT = ROOT / "bench" / "results" / "dpo_throughput.json"
-BETA, LR, WARMUP_RATIO = 0.1, 5e-4, 0.1  # configs/tiny/dpo.yaml's, given to both sides explicitly
+BETA, LR, WARMUP_RATIO = 0.1, 5e-4, 0.1
+REAL_LIMIT = 24  # pairs with --model (a 135M model: a step of 4 pairs x 512 tokens takes ~30-60 s on 2 cores)
+REAL_OURS, REAL_TRL = "ours-2w", "trl-precompute-grouped,trl-2p-precompute-grouped"  # fewer: ~6 min each  # configs/tiny/dpo.yaml's, given to both sides explicitly
 
 OURS_CONFIGS = {
     # configs/tiny/dpo.yaml as shipped: 2 workers x 0.5 CPU (Ray gives each OMP_NUM_THREADS=1), ZeRO-2.
@@ -126,7 +139,17 @@ TRL_CONFIGS = {
     # trl-precompute with transformers' train_sampling_strategy=group_by_length (LengthGroupedSampler over a
     # `length` column = the longer side of each pair): the Trainer's answer to padding, off by default.
     "trl-precompute-grouped": {"precompute_ref_log_probs": True, "group_by_length": True},
+    # ... with one pair per forward and gradient accumulation to the same batch: no padding at all (each micro-batch
+    # pads only chosen against rejected), TRL's nearest to padding-free.
+    "trl-precompute-grouped-mb1": {"precompute_ref_log_probs": True, "group_by_length": True, "micro_batch": 1},
+    # TRL data-parallel as ours is: 2 processes under torchrun (gloo, OMP_NUM_THREADS=1 each), batch / 2 per rank.
+    "trl-2p-precompute-grouped": {"precompute_ref_log_probs": True, "group_by_length": True, "nproc": 2},
+    "trl-2p-precompute-grouped-mb1": {"precompute_ref_log_probs": True, "group_by_length": True, "nproc": 2,
+                                      "micro_batch": 1},
 }
+# Peers at their best by default: every TRL setting that can be fastest; ours as shipped and in TRL's layout.
+DEFAULT_OURS = "ours-2w,ours-2w-padded"
+DEFAULT_TRL = "trl-precompute-grouped,trl-precompute-grouped-mb1,trl-2p-precompute-grouped,trl-2p-precompute-grouped-mb1"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,20 +265,33 @@ def trl_trainer_class():
     return BenchDPOTrainer
 
 
-def side_trl(spec: dict) -> dict:
+def run_dataset(spec: dict, grouped: bool):
+    """This run's own file-backed copy of the pairs (with a ``length`` column when ``grouped``: LengthGroupedSampler
+    reads lengths from it). File-backed, so TRL's precompute cache lands next to it where every rank finds it (an
+    in-memory dataset caches under a per-process temp folder); a copy per run, so no run reuses another's cache."""
+    from datasets import load_from_disk
+
+    src = Path(spec["ids_path"]).with_suffix(".grouped" if grouped else ".plain")
+    dst = Path(spec["output_dir"]) / "dataset"
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = dst.with_name("dataset.tmp")
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)  # whole, at once: the other ranks wait for it
+    while not dst.exists():
+        time.sleep(0.1)
+    return load_from_disk(str(dst))
+
+
+def side_trl(spec: dict) -> dict | None:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
     from zephyr_ray.models import load_tokenizer
 
     check_snapshot(spec["src"])
-    rows = read_jsonl(Path(spec["ids_path"]))
     grouped = spec.get("group_by_length", False)
-    if grouped:  # LengthGroupedSampler reads lengths from this column (DPO rows have no input_ids)
-        rows = [{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows]
-    dataset = Dataset.from_list(rows)
+    dataset = run_dataset(spec, grouped)
     tok = load_tokenizer(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
     args = DPOConfig(
@@ -267,8 +303,9 @@ def side_trl(spec: dict) -> dict:
         train_sampling_strategy="group_by_length" if grouped else "random",
         beta=BETA,
         loss_type=["sigmoid"],
-        per_device_train_batch_size=spec["global_batch"],
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=spec["per_device"],
+        gradient_accumulation_steps=spec["gas"],
+        ddp_backend="gloo" if spec.get("nproc", 1) > 1 else None,
         max_steps=spec["total_steps"],
         learning_rate=LR,
         warmup_steps=WARMUP_RATIO,  # < 1: a ratio of max_steps
@@ -282,8 +319,10 @@ def side_trl(spec: dict) -> dict:
     out = trainer.train()
     t_train = time.time() - t1
     pairs = [spec["global_batch"]] * len(clock.ends)  # the pair count divides into full batches (checked in main)
-    tokens = deltas(clock.cum_tokens)
+    tokens = deltas(clock.cum_tokens)  # gathered over ranks by TRL: global
     window = trainer.precompute_window
+    if not trainer.is_world_process_zero():
+        return None
     return {
         "side": "trl",
         "steps": len(clock.ends),
@@ -297,6 +336,7 @@ def side_trl(spec: dict) -> dict:
         "train_s": t_train,
         "train_loss": out.training_loss,
         "threads": torch.get_num_threads(),
+        "processes": trainer.args.world_size,
         "holds_ref_model": trainer.ref_model is not None,
         "padding_free": trainer.padding_free,
     }
@@ -306,13 +346,18 @@ def side_trl(spec: dict) -> dict:
 # driver
 
 
-def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_length: int) -> dict:
-    """The shared model directory, the shared pairs (JSONL for ours) and their token ids (for TRL)."""
+def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_length: int,
+            model: str | None = None) -> dict:
+    """The shared model directory (the tiny random Mistral, or ``model`` resolved to an HF folder), the shared pairs
+    (JSONL for ours) and their token ids (for TRL)."""
+    from datasets import Dataset
+
     from zephyr_ray.config import DataConfig
     from zephyr_ray.data.preference import preference_examples
+    from zephyr_ray.gguf_import import resolve
     from zephyr_ray.models import build_tiny, load_tokenizer
 
-    model_path = build_tiny(work / "tiny-base", seed=0)
+    model_path = resolve(model) if model else build_tiny(work / "tiny-base", seed=0)
     rows = read_jsonl(data_src)
     rows = rows[:limit] if limit else rows
     keep = ("prompt", "chosen", "rejected")
@@ -323,8 +368,13 @@ def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_
     ids_path = work / "pair_ids.jsonl"
     fields = ("prompt_ids", "chosen_ids", "rejected_ids")
     ids_path.write_text("".join(json.dumps({k: e[k] for k in fields}) + "\n" for e in examples))
+    ids = [{k: e[k] for k in fields} for e in examples]
+    Dataset.from_list(ids).save_to_disk(str(ids_path.with_suffix(".plain")))
+    Dataset.from_list([{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
+                       for r in ids]).save_to_disk(str(ids_path.with_suffix(".grouped")))
     longest = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     return {
+        "model": model or "tiny random Mistral (build_tiny, seed 0)",
         "model_path": model_path,
         "data_source": str(data_src),
         "data_path": str(data_path),
@@ -352,14 +402,22 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
         if a.global_batch % oc["num_workers"]:
             raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
         spec = {"side": "ours", "name": name, **shared, "data_path": prep["data_path"],
+                "trainer_label": "ray::RayTrainWorker",
                 "micro_batch_size": a.global_batch // oc["num_workers"], "num_workers": oc["num_workers"],
                 "cpus_per_worker": oc["cpus_per_worker"], "epochs": epochs, "output_dir": str(work / name),
                 "overrides": oc.get("overrides", [])}
         specs.append((spec, oc["env"]))
     for name in names_in(a.trl, TRL_CONFIGS):
-        spec = {"side": "trl", "name": name, **shared, **TRL_CONFIGS[name], "ids_path": prep["ids_path"],
-                "output_dir": str(work / name)}
-        specs.append((spec, {}))
+        tc = TRL_CONFIGS[name]
+        nproc = tc.get("nproc", 1)
+        if a.global_batch % nproc:
+            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {nproc} processes")
+        per_rank = a.global_batch // nproc
+        micro = tc.get("micro_batch", per_rank)
+        spec = {"side": "trl", "name": name, **shared, **tc, "ids_path": prep["ids_path"],
+                "per_device": micro, "gas": per_rank // micro, "output_dir": str(work / name)}
+        # one thread per process when data-parallel (as ours: Ray gives each worker OMP_NUM_THREADS=1)
+        specs.append((spec, {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}))
     return specs
 
 
@@ -379,71 +437,11 @@ def epoch_figures(r: dict, pairs: int) -> dict:
             "precompute_share_of_total": r["precompute_s"] / (r["precompute_s"] + train_s)}
 
 
-def process_figures(r: dict) -> dict:
-    """Peak RSS of the training process (ours: the largest Ray Train worker; TRL: its one process) and of our
-    reference actor."""
-    procs = r["peak_rss_by_process"]
-    if r["side"] == "ours":
-        workers = [p["peak_rss_mb"] for p in procs if p["process"].startswith("ray::RayTrainWorker")]
-        ref = [p["peak_rss_mb"] for p in procs if "ReferenceLogps" in p["process"]]
-        return {"train_process_peak_rss_mb": max(workers, default=None), "train_processes": len(workers),
-                "train_processes_peak_rss_sum_mb": sum(workers), "ref_actor_peak_rss_mb": max(ref, default=None)}
-    root = [p["peak_rss_mb"] for p in procs if p["root"]]
-    return {"train_process_peak_rss_mb": max(root, default=None), "train_processes": 1,
-            "train_processes_peak_rss_sum_mb": sum(root), "ref_actor_peak_rss_mb": None}
-
-
 def describe(r: dict, pairs: int) -> str:
-    e, p = epoch_figures(r, pairs), process_figures(r)
+    e, m = epoch_figures(r, pairs), r["memory"]
     return (f"{steady_pairs_per_s(r):.2f} pairs/s steady, precompute {r['precompute_s']:.1f} s, "
-            f"{e['total_pairs_per_s']:.2f} pairs/s with it; peak RSS {r['peak_rss_mb']:.0f} MB tree, "
-            f"{fmt(p['train_process_peak_rss_mb'])} MB training process")
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def ratios(ours: dict, trl: dict) -> dict:
-    return {
-        "steady_pairs_per_s": ratio(ours["steady_pairs_per_s"], trl["steady_pairs_per_s"]),
-        "total_pairs_per_s": ratio(ours["total_pairs_per_s"], trl["total_pairs_per_s"]),
-        "peak_rss_tree": ratio(ours["peak_rss_mb"], trl["peak_rss_mb"]),
-        "peak_rss_train_process": ratio(ours["train_process_peak_rss_mb"], trl["train_process_peak_rss_mb"]),
-    }
-
-
-def goals(summary: dict[str, dict]) -> dict[str, dict]:
-    """Per ours configuration: throughput against TRL's fastest configuration, memory against TRL's leanest."""
-    trl = [v for v in summary.values() if v["side"] == "trl"]
-    if not trl:
-        return {}
-    fastest_steady = max(trl, key=lambda v: v["steady_pairs_per_s"])
-    fastest_total = max(trl, key=lambda v: v["total_pairs_per_s"])
-    leanest_tree = min(trl, key=lambda v: v["peak_rss_mb"])
-    leanest_proc = min(trl, key=lambda v: v["train_process_peak_rss_mb"])
-    out = {}
-    for name, v in summary.items():
-        if v["side"] != "ours":
-            continue
-        g = {
-            "steady_ratio": ratio(v["steady_pairs_per_s"], fastest_steady["steady_pairs_per_s"]),
-            "steady_vs": fastest_steady["name"],
-            "total_ratio": ratio(v["total_pairs_per_s"], fastest_total["total_pairs_per_s"]),
-            "total_vs": fastest_total["name"],
-            "tree_rss_ratio": ratio(v["peak_rss_mb"], leanest_tree["peak_rss_mb"]),
-            "tree_rss_vs": leanest_tree["name"],
-            "process_rss_ratio": ratio(v["train_process_peak_rss_mb"], leanest_proc["train_process_peak_rss_mb"]),
-            "process_rss_vs": leanest_proc["name"],
-        }
-        g.update({
-            "meets_throughput_steady": (g["steady_ratio"] or 0) >= 1.5,
-            "meets_throughput_total": (g["total_ratio"] or 0) >= 1.5,
-            "meets_memory_tree": g["tree_rss_ratio"] is not None and g["tree_rss_ratio"] <= 0.7,
-            "meets_memory_process": g["process_rss_ratio"] is not None and g["process_rss_ratio"] <= 0.7,
-        })
-        out[name] = g
-    return out
+            f"{e['total_pairs_per_s']:.2f} pairs/s with it; peak RSS {m['tree_rss_mb']:.0f} MB tree, "
+            f"{fmt(m['train_sum_rss_mb'])} MB training processes ({m['train_processes']})")
 
 
 def summarize(best: dict[str, dict], runs: list[dict], pairs: int) -> dict[str, dict]:
@@ -458,124 +456,115 @@ def summarize(best: dict[str, dict], runs: list[dict], pairs: int) -> dict[str, 
             "step_time_s": r["steady"]["step_time_s"],
             "precompute_s": r["precompute_s"],
             **epoch_figures(r, pairs),
-            "peak_rss_mb": r["peak_rss_mb"],
-            "peak_pss_mb": r["peak_pss_mb"],
+            "tokens_trained": sum(r["tokens_per_step_list"]),
+            "steps": r["steps"],
+            **r["memory"],
             "peak_rss_mb_by_phase": r["peak_rss_mb_by_phase"],
-            **process_figures(r),
             "process_wall_s": r["process_wall_s"],
             "foreign_cpu_cores_in_window": r["foreign_cpu_cores_in_window"],
-            "num_workers": r["config"].get("num_workers", 1),
             "round": r["round"],
             "all_runs_steady_pairs_per_s": [steady_pairs_per_s(x) for x in runs if x["name"] == name and x["ok"]],
         }
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# report
+COLUMNS = [  # (key, header, format) of the table printed here and in docs/benchmarks.md
+    ("name", "config", ""), ("steady_pairs_per_s", "pairs/s", ".2f"), ("steady_tokens_per_s", "tok/s", ".0f"),
+    ("precompute_s", "ref pass s", ".1f"), ("total_pairs_per_s", "pairs/s incl. ref", ".2f"),
+    ("tokens_trained", "tokens trained", ".0f"), ("train_processes", "train procs", ".0f"),
+    ("largest_train_rss_mb", "largest proc RSS MB", ".0f"), ("train_sum_rss_mb", "train procs RSS MB", ".0f"),
+    ("train_sum_pss_mb", "train procs PSS MB", ".0f"), ("tree_rss_mb", "tree RSS MB", ".0f"),
+    ("tree_pss_mb", "tree PSS MB", ".0f"), ("foreign_cpu_cores_in_window", "other cores", ".2f"),
+]
 
 
-def mb(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}MB"
-
-
-def print_table(a: argparse.Namespace, prep: dict, specs: list, summary: dict[str, dict], total_steps: int,
-                work: Path) -> None:
-    print()
-    print(
-        f"dDPO throughput, tiny Mistral, data {Path(prep['data_source']).name} ({prep['pairs']} pairs, "
-        f"{prep['truncated_pairs']} truncated, {prep['tokens_per_pair']:.0f} tokens/pair), max_length {a.max_length}"
-        f" / max_prompt_length {a.max_prompt_length}, {a.global_batch} pairs/step, fp32, sigmoid beta {BETA}; "
-        f"steady state = steps {a.warmup + 1}..{total_steps}"
-        + (f"; best of {a.repeats} runs" if a.repeats > 1 else "")
-    )
-    hdr = (f"{'config':<16}{'pairs/s':>9}{'tok/s':>8}{'s/step':>8}{'precomp':>9}{'epoch':>8}{'total p/s':>10}"
-           f"{'RSS tree':>10}{'in prec.':>10}{'in train':>10}{'PSS tree':>10}{'train proc':>11}{'ref actor':>10}"
-           f"{'wall':>6}{'others':>7}")
-    print(hdr)
-    print("-" * len(hdr))
+def print_table(summary: dict[str, dict], specs: list, work: Path) -> None:
+    widths = [max(len(h), 8) + 2 for _, h, _ in COLUMNS]
+    print("".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
     for spec, _ in specs:
         v = summary.get(spec["name"])
         if v is None:
-            print(f"{spec['name']:<16} FAILED (logs in {work})")
+            print(f"{spec['name']} FAILED (logs in {work})")
             continue
-        phase = v["peak_rss_mb_by_phase"]
-        runs = v["all_runs_steady_pairs_per_s"]
-        print(
-            f"{v['name']:<16}{v['steady_pairs_per_s']:>9.2f}{v['steady_tokens_per_s']:>8.0f}{v['step_time_s']:>8.2f}"
-            f"{v['precompute_s']:>8.1f}s{v['epoch_total_s']:>7.0f}s{v['total_pairs_per_s']:>10.2f}"
-            f"{mb(v['peak_rss_mb']):>10}{mb(phase.get('precompute')):>10}{mb(phase.get('train')):>10}"
-            f"{mb(v['peak_pss_mb']):>10}{mb(v['train_process_peak_rss_mb']):>11}{mb(v['ref_actor_peak_rss_mb']):>10}"
-            f"{v['process_wall_s']:>5.0f}s"
-            f"{fmt(v['foreign_cpu_cores_in_window'], '.2f'):>7}"
-            + (f"   runs: {', '.join(f'{x:.2f}' for x in runs)}" if len(runs) > 1 else "")
-        )
-    print(
-        "pairs/s, tok/s: steady state (non-padding tokens, both sequences of a pair); precomp: reference log-prob "
-        "pass (ours: Ray actor pass incl. tokenization and Parquet write; TRL: _precompute_ref_logps); epoch: "
-        "precomp + pairs / steady pairs/s; total p/s: pairs / epoch; RSS tree: peak summed over the process tree "
-        "(in prec. / in train: within that phase); train proc: peak RSS of the single training process (ours: "
-        "largest Ray Train worker; TRL: its one process); ref actor: ours' reference actor; wall: whole subprocess "
-        "incl. startup; others: cores used by other processes during the steady window; -: none, or no sample fell "
-        "in a phase shorter than the 1 s sampling period"
-    )
+        print("".join(f"{v[k] if not f else fmt(v[k], f):>{w}}" for (k, _, f), w in zip(COLUMNS, widths)))
 
 
-def print_ratios(summary: dict[str, dict], goal: dict[str, dict]) -> None:
-    ours = [v for v in summary.values() if v["side"] == "ours"]
-    trl = [v for v in summary.values() if v["side"] == "trl"]
-    if not ours or not trl:
-        return
-    print("\nours / TRL:  steady pairs/s   total pairs/s   peak RSS tree   peak RSS training process")
-    for o in ours:
-        for t in trl:
-            r = ratios(o, t)
-            print(f"  {o['name']:>12} / {t['name']:<15}{fmt(r['steady_pairs_per_s'], '.2f'):>6}x"
-                  f"{fmt(r['total_pairs_per_s'], '.2f'):>15}x{fmt(r['peak_rss_tree'], '.2f'):>15}x"
-                  f"{fmt(r['peak_rss_train_process'], '.2f'):>20}x")
-    print("goals (>= 1.5x throughput vs TRL's fastest, <= 0.7x peak memory vs TRL's leanest):")
-    for name, g in goal.items():
-        print(f"  {name}: throughput steady {verdict(g, 'steady', 'throughput_steady')}; total "
-              f"{verdict(g, 'total', 'throughput_total')}; memory tree {verdict(g, 'tree_rss', 'memory_tree')}; "
-              f"training process {verdict(g, 'process_rss', 'memory_process')}")
+def headlines(summary: dict[str, dict], parity: dict) -> list[dict]:
+    """ours-2w (as shipped) against the fastest TRL configuration of this run; memory as summed training processes
+    against each TRL layout with as many processes, and against single-process TRL."""
+    ours = summary.get("ours-2w") or fastest(summary, "ours", "steady_pairs_per_s")
+    out = [
+        headline("dDPO steady pairs/s", ours, fastest(summary, "trl", "steady_pairs_per_s"), "steady_pairs_per_s",
+                 "pairs/s", parity["ok"], goal=1.5),
+        headline("dDPO pairs/s incl. reference pass", ours, fastest(summary, "trl", "total_pairs_per_s"),
+                 "total_pairs_per_s", "pairs/s", parity["ok"], goal=1.5),
+    ]
+    if ours is not None:
+        for g in memory_goal(summary, ours["name"], 0.7):
+            out.append(headline(f"dDPO summed training-process RSS vs {g['peer_processes']}-process TRL", ours,
+                                summary[g["peer"]], "train_sum_rss_mb", "MB", True, goal=0.7, lower_is_better=True))
+    return out
 
 
-def verdict(g: dict, figure: str, goal: str) -> str:
-    return f"{fmt(g[figure + '_ratio'], '.2f')}x vs {g[figure + '_vs']} {'MET' if g['meets_' + goal] else 'not met'}"
-
-
-def print_notes(a: argparse.Namespace, summary: dict[str, dict]) -> None:
-    missed = [k for k, v in summary.items() if v["train_processes"] != v["num_workers"]]
-    if missed:
-        print(f"WARNING: {missed}: not every Ray Train worker process was recognised; the training-process figure "
-              "may leave one out (see peak_rss_by_process in the JSON)")
-    print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
+def print_headlines(heads: list[dict], parity: dict) -> None:
+    if not parity["ok"]:
+        print(f"\nNO RATIO: the configurations trained different tokens: {parity['differences']} "
+              f"(reference {parity['reference']})")
+    for h in heads:
+        if h["ratio"] is None:
+            print(f"{h['name']}: no ratio ({h['why_none']})")
+        else:
+            verdict = "" if h["met"] is None else (" MET" if h["met"] else " not met")
+            print(f"{h['name']}: {h['ours_config']} {h['ours_value']:.2f} vs {h['peer_config']} {h['peer_value']:.2f} "
+                  f"{h['unit']} = {h['ratio']:.2f}x (goal {'<=' if h['unit'] == 'MB' else '>='} {h['goal']}x){verdict}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=None,
                     help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)")
-    ap.add_argument("--limit", type=int, default=512, help="first N pairs of the data (0 = all)")
+    ap.add_argument("--limit", type=int, default=None, help="first N pairs of the data (0 = all; default 512, "
+                    f"{REAL_LIMIT} with --model)")
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--max-prompt-length", type=int, default=512)
-    ap.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step (both sides)")
+    ap.add_argument("--max-length", type=int, default=None, help="default 1024 (512 with --model)")
+    ap.add_argument("--max-prompt-length", type=int, default=None, help="default 512 (256 with --model)")
+    ap.add_argument("--global-batch", type=int, default=None,
+                    help="pairs per optimizer step (both sides); default 16 (4 with --model: 2 per micro-batch)")
     ap.add_argument("--ref-batch", type=int, default=32,
                     help="pairs per reference forward in the precompute pass (ours' dpo.ref.batch_size, TRL's "
                     "precompute_ref_batch_size; 32 = configs/tiny/dpo.yaml)")
+    ap.add_argument("--model", default=None,
+                    help="a real model both sides train instead of the tiny random one (an embedded name such as "
+                    "smollm2-135m-instruct, a GGUF file or an HF folder; zephyr_ray.gguf_import.resolve)")
     ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
-    ap.add_argument("--ours", default="ours-2w,ours-1w,ours-1w-omp2", help=f"of {list(OURS_CONFIGS)}")
-    ap.add_argument("--trl", default="trl-ref,trl-precompute", help=f"of {list(TRL_CONFIGS)}")
+    ap.add_argument("--ours", default=None, help=f"of {list(OURS_CONFIGS)} (default {DEFAULT_OURS})")
+    ap.add_argument("--trl", default=None, help=f"of {list(TRL_CONFIGS)} (default {DEFAULT_TRL})")
     add_common_args(ap, DEFAULT_OUT)
     a = ap.parse_args()
     if a._side:
         side_main(a, {"ours": side_ours, "trl": side_trl})
         return
+    real = a.model is not None
+    a.ours_trl_named = a.ours is not None or a.trl is not None
+    quick = {"limit": 16, "warmup": 1, "max_length": 256, "max_prompt_length": 128, "global_batch": 4,
+             "ours": "ours-2w", "trl": "trl-precompute-grouped,trl-2p-precompute-grouped"} if a.quick else {}
+    defaults = {"limit": REAL_LIMIT if real else 512, "max_length": 512 if real else 1024,
+                "max_prompt_length": 256 if real else 512, "global_batch": 4 if real else 16,
+                "ours": REAL_OURS if real else DEFAULT_OURS, "trl": REAL_TRL if real else DEFAULT_TRL}
+    for k, v in quick.items():  # --quick: smallest settings (the configurations only where none were named)
+        if k not in ("ours", "trl") or not a.ours_trl_named:
+            setattr(a, k, v)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, "" if k in ("ours", "trl") and a.ours_trl_named else v)
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
-    session = start_session(a.work_dir, "dpo_bench_", f"data {data_src}")
-    prep = prepare(session.work, data_src, a.limit, a.max_length, a.max_prompt_length)
+    bench = bench_name("dpo_throughput", a.model)
+    if a.out == DEFAULT_OUT:
+        a.out = DEFAULT_OUT.with_name(f"{bench}.json")
+    session = start_session(a.work_dir, "dpo_bench_", f"data {data_src}", quick=a.quick,
+                            bench=bench)
+    prep = prepare(session.work, data_src, a.limit, a.max_length, a.max_prompt_length, a.model)
     pairs = prep["pairs"]
     if pairs % a.global_batch:
         raise SystemExit(f"{pairs} pairs do not make full batches of {a.global_batch}; change --limit")
@@ -593,34 +582,34 @@ def main() -> None:
     specs = build_specs(a, session.src, prep, session.work, total_steps, epochs)
     runs = run_rounds(Path(__file__).resolve(), specs, session.work, a, lambda r: describe(r, pairs))
     mm_after = matmul_flops()
-    for r in runs:
-        if r["ok"]:
-            r.update(epoch_figures(r, pairs), **process_figures(r))
     best = best_per_config(runs, [s["name"] for s, _ in specs], steady_pairs_per_s)
     summary = summarize(best, runs, pairs)
-    goal = goals(summary)
-    print_table(a, prep, specs, summary, total_steps, session.work)
-    print_ratios(summary, goal)
-    print_notes(a, summary)
+    # Every configuration trains every pair once per epoch, both sequences unpadded-counted: no difference allowed.
+    parity = token_parity({k: v["tokens_trained"] for k, v in summary.items()})
+    heads = headlines(summary, parity)
+    print(f"\ndDPO throughput, {prep['model']}, data {Path(prep['data_source']).name} ({pairs} pairs, "
+          f"{prep['truncated_pairs']} truncated, {prep['tokens_per_pair']:.0f} tokens/pair), max_length "
+          f"{a.max_length} / max_prompt_length {a.max_prompt_length}, {a.global_batch} pairs/step, fp32; steady "
+          f"state = steps {a.warmup + 1}..{total_steps}" + (f"; best of {a.repeats} runs" if a.repeats > 1 else ""))
+    print_table(summary, specs, session.work)
+    print_headlines(heads, parity)
+    print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
     print_failures(runs)
     finish_session(session, {
-        "machine": machine_info(mm_before, mm_after),
+        "matmul": {"before": mm_before, "after": mm_after},
         "config": {
-            "steps": steps, "warmup": a.warmup, "epochs": epochs, "max_length": a.max_length,
-            "max_prompt_length": a.max_prompt_length, "global_batch_pairs": a.global_batch,
+            "model": prep["model"], "steps": steps, "warmup": a.warmup, "epochs": epochs, "limit": a.limit,
+            "max_length": a.max_length, "max_prompt_length": a.max_prompt_length, "global_batch_pairs": a.global_batch,
             "ref_batch_pairs": a.ref_batch, "repeats": a.repeats, "precision": "fp32", "beta": BETA, "lr": LR,
             "loss": "sigmoid", "tokens": "identical on both sides (zephyr_ray.data.preference.preference_examples)",
-            "ours_layout": "dpo.ref.mode=precompute; data.packing as configured (tiny: true, a micro-batch's "
-                           "sequences in one unpadded row; ours-2w-padded: two padded rows per pair)",
-            "trl_layout": "padded: 2 x batch rows, padded to the longest (TRL 1.16 DPO has no padding-free mode)",
             "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
             "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
         },
         "data": prep,
+        "parity": parity,
+        "table": {"columns": COLUMNS, "rows": [summary[s["name"]] for s, _ in specs if s["name"] in summary]},
+        "headline": heads,
         "summary": summary,
-        "ratios_ours_over_trl": {f"{o}/{t}": ratios(summary[o], summary[t]) for o in summary for t in summary
-                                 if summary[o]["side"] == "ours" and summary[t]["side"] == "trl"},
-        "goals": goal,
         "runs": runs,
     }, a.out)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mt_bench"
+from common import envelope, write_result  # noqa: E402
+
 SAMPLE = ROOT / "data" / "sample" / "mt_bench"
 DEFAULT_OUT = ROOT / "bench" / "results" / "eval_mt_bench.json"
 
@@ -58,7 +59,12 @@ def main() -> None:
     ap.add_argument("--max-attempts", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more eval config overrides")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--quick", action="store_true", help="smallest settings (checks the bench; not a result)")
     a = ap.parse_args()
+    if a.quick:
+        a.models, a.max_new_tokens, a.judge_max_new_tokens = 1, 8, 8
+        a.set = [*a.set, "mt_bench.per_category=1"]
+    env = envelope("eval_mt_bench", a.quick)
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
 
@@ -129,9 +135,7 @@ def main() -> None:
         "scores": {name: {k: s[k] for k in ("overall", "rated", "parse_failures", "judge_calls")}
                    for name, s in mt["models"].items()},
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(payload, indent=2))
-    print(f"\nwrote {a.out}")
+    write_result(a.out, env, payload)
 
 
 if __name__ == "__main__":

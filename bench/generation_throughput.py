@@ -7,7 +7,10 @@ and cut from the left to ``--max-prompt-length`` tokens; both sides use the same
 
 Models (random init, so they rarely emit EOS and nearly every row decodes ``--max-new-tokens`` tokens on both
 sides): ``tiny`` = ``zephyr_ray.models.build_tiny`` (hidden 128, 2 layers; per-step Python overhead dominates) and
-``medium`` = the same tokenizer with a Mistral of hidden 512, 6 layers, 8 heads (2 KV groups of 4), MLP 1536.
+``medium`` = the same tokenizer with a Mistral of hidden 512, 6 layers, 8 heads (2 KV groups of 4), MLP 1536; and
+the real ``smollm2-135m-instruct`` (the embedded model, ``zephyr_ray.gguf_import.resolve``; any real model name,
+GGUF file or HF folder works in ``--models``). MFU (CPU) = tokens/s x decode FLOPs/token (2 x the weights a token
+goes through) / the fp32 matmul rate measured in the same run (``common.matmul_flops``, before and after).
 
 Sides, each timed end to end (chat template, tokenization, generation, decoding), after one untimed warmup:
 
@@ -32,9 +35,7 @@ prefill positions; ``decode_padding`` = decode positions spent on rows that had 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import build_model, load_prompts  # noqa: E402
+from common import build_model, envelope, load_prompts, matmul_flops, write_result  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "generation_throughput.json"
 
@@ -115,6 +116,14 @@ def run_engine(engine, conversations, params, bucketed: bool) -> tuple[float, li
     return seconds, [c[0].text for c in out], [c[0].completion_tokens for c in out], engine.stats.as_dict()
 
 
+def decode_flops_per_token(model) -> int:
+    """2 x the weights a generated token goes through: all but the input embedding, the LM head counted even when
+    it shares its tensor with the embedding (SmolLM2)."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied tensor counted once
+    return 2 * (total - emb.numel() + (head.numel() if head is emb else 0))
+
+
 def bench_model(kind: str, prompts: list[str], a: argparse.Namespace, work: Path) -> dict:
     from zephyr_ray.config import EngineConfig
     from zephyr_ray.generation.hf import HFEngine
@@ -155,6 +164,7 @@ def bench_model(kind: str, prompts: list[str], a: argparse.Namespace, work: Path
                                      ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                       "num_key_value_heads", "vocab_size")},
         "parameters": sum(p.numel() for p in engine.model.parameters()),
+        "flops_per_token": decode_flops_per_token(engine.model),
         "prompt_tokens": {"total": sum(lengths), "min": min(lengths), "max": max(lengths),
                           "mean": sum(lengths) / len(lengths)},
         "sides": {},
@@ -190,44 +200,61 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-prompt-length", type=int, default=512)
-    ap.add_argument("--models", default="tiny,medium", help="comma list of tiny, medium")
+    ap.add_argument("--models", default="tiny,medium,smollm2-135m-instruct",
+                    help="comma list of tiny, medium, or real models (embedded name, GGUF file, HF folder)")
     ap.add_argument("--sides", default="naive,engine,engine-unsorted", help="of naive, engine, engine-unsorted, continuous")
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each side keeps its fastest")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads, both sides (default: torch's)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--quick", action="store_true", help="smallest settings (checks the bench; not a result)")
     a = ap.parse_args()
+    if a.quick:
+        a.prompts, a.max_new_tokens, a.models, a.repeats = 8, 8, "tiny", 1
+    env = envelope("generation_throughput", a.quick)
     a.sides = a.sides.split(",")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    import transformers
 
     if a.threads:
         torch.set_num_threads(a.threads)
     prompts, source = load_prompts(a.prompts)
-    started = time.time()
+    mm_before = matmul_flops()
     results = []
     with tempfile.TemporaryDirectory(prefix="gen_bench_") as work:
         for kind in a.models.split(","):
             print(f"[{kind}] {len(prompts)} prompts from {source}", flush=True)
             results.append(bench_model(kind, prompts, a, Path(work)))
+    mm_after = matmul_flops()
+    peak = max(mm_before["best_flops"], mm_after["best_flops"])  # MFU against this run's own matmul rate
+    rows, heads = [], []
+    for r in results:
+        for side, e in r["sides"].items():
+            e["mfu_cpu"] = e["tokens_per_s"] * r["flops_per_token"] / peak
+            rows.append({"name": f"{r['model']} {side}", **e})
+        if "engine" in r["sides"] and "naive" in r["sides"]:
+            eng, nai = r["sides"]["engine"], r["sides"]["naive"]
+            ok = eng.get("same_counts", False)  # same tokens generated, else no ratio
+            heads.append({"name": f"generation tokens/s, {r['model']}, engine vs naive generate", "unit": "tokens/s",
+                          **({"ratio": eng["tokens_per_s"] / nai["tokens_per_s"]} if ok else
+                             {"ratio": None, "why_none": "different token counts"}),
+                          "ours_config": "engine", "ours_value": eng["tokens_per_s"], "peer_config": "naive",
+                          "peer_value": nai["tokens_per_s"], "goal": None, "met": None})
+    cols = [["name", "model side", ""], ["tokens_per_s", "tokens/s", ".1f"], ["speedup_vs_naive", "x naive", ".2f"],
+            ["mfu_cpu", "MFU (CPU)", ".3%"], ["same_text", "same text", ""],
+            ["foreign_cpu_cores", "other cores", ".2f"]]
     report = {
-        "command": " ".join([".venv/bin/python", "bench/generation_throughput.py", *sys.argv[1:]]),
-        "when_unix": started,
-        "elapsed_s": time.time() - started,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "loadavg_end": list(os.getloadavg())},
+        "matmul": {"before": mm_before, "after": mm_after, "peak_flops": peak},
+        "table": {"columns": cols, "rows": rows},
+        "headline": heads,
         "prompts": {"source": source, "count": len(prompts)},
         "params": {"max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
                    "max_prompt_length": a.max_prompt_length, "greedy": True, "repeats": a.repeats,
                    "torch_threads": torch.get_num_threads()},
         "results": results,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print_table(results)
-    print(f"\nwritten to {a.out}")
+    write_result(a.out, env, report)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Writes $OUT/gpu_train_step.json when OUT is set, else bench/results/gpu_train_st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import envelope, write_result  # noqa: E402
 
 from zephyr_ray.data.packing import collate, pack_sequences  # noqa: E402
 from zephyr_ray.data.tokenize import IGNORE_INDEX  # noqa: E402
@@ -51,7 +51,6 @@ from zephyr_ray.train.objectives import collate_pairs  # noqa: E402  (imports ne
 PAIRS_FROM = "zephyr_ray.train.objectives.collate_pairs"
 
 HEAVY = sorted(m for m in ("ray", "deepspeed") if sys.modules.get(m) is not None)
-HAS_KEEP = all(hasattr(losses, f) for f in ("label_logits", "sequence_logps", "preference_loss"))
 
 FULL_ARCH = {
     "hidden_size": 2048,
@@ -182,46 +181,18 @@ def _finish(model, opt, loss: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-LOSS_PATH = {"name": "label_logits (LM head on trained positions)" if HAS_KEEP else "full logits"}
-
-
-def _label_logits_full(model, batch: dict):
-    """label_logits' result computed from the full logits (for a transformers whose forward does not take a
-    boolean ``logits_to_keep``): same loss, LM head on every position."""
-    target = losses.shifted_labels(batch["labels"], batch["position_ids"])
-    valid = target != IGNORE_INDEX
-    keep = torch.nn.functional.pad(valid, (0, 1))
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return logits[keep], target[valid], keep
-
-
-def label_logits(model, batch: dict):
-    """The package's ``label_logits``; falls back (once, for the rest of the run) to the full-logits equivalent."""
-    if LOSS_PATH.get("fallback"):
-        return _label_logits_full(model, batch)
-    try:
-        return losses.label_logits(model, batch)
-    except (TypeError, IndexError, RuntimeError, ValueError) as exc:
-        LOSS_PATH.update(fallback=True, name=f"full logits then selected (label_logits failed: {exc})"[:200])
-        print(f"WARNING: {LOSS_PATH['name']}", file=sys.stderr)
-        return _label_logits_full(model, batch)
+LOSS_PATH = {"name": "label_logits (LM head on trained positions)"}
 
 
 def sft_step(model, opt, batch: dict) -> torch.Tensor:
-    if HAS_KEEP:  # today's SFTObjective.loss
-        logits, targets, _ = label_logits(model, batch)
-        loss_sum, units = losses.token_nll_sum(logits, targets), targets.numel()
-    else:  # older package: full logits, token_nll_sum(logits, labels, position_ids) -> (sum, count)
-        logits = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
-        loss_sum, units = losses.token_nll_sum(logits, batch["labels"], batch["position_ids"])
-    return _finish(model, opt, loss_sum / max(int(units), 1))
+    """SFTObjective.loss: LM head on the trained positions only, mean NLL per trained token."""
+    logits, targets, _ = losses.label_logits(model, batch)
+    return _finish(model, opt, losses.token_nll_sum(logits, targets) / max(targets.numel(), 1))
 
 
 def dpo_step(model, opt, batch: dict, beta: float = 0.1) -> torch.Tensor:
     n = batch["num_pairs"]
-    logits, targets, keep = label_logits(model, batch)
+    logits, targets, keep = losses.label_logits(model, batch)
     logps, _, _ = losses.sequence_logps(logits, targets, batch["seq_index"][keep], 2 * n)
     ref = batch["ref_logps"]
     per_pair, _, _ = losses.preference_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta)
@@ -272,10 +243,6 @@ def build_model(arch: dict, dtype: torch.dtype, device: torch.device, seed: int)
         torch.set_default_dtype(dtype)  # as from_pretrained(dtype=...) does: RoPE's inv_freq stays fp32
         with torch.device(device):
             model = MistralForCausalLM(config)
-    except TypeError:  # an older torch without a bf16 default dtype: build in fp32, then cast
-        torch.set_default_dtype(default)
-        with torch.device(device):
-            model = MistralForCausalLM(config).to(dtype)
     finally:
         torch.set_default_dtype(default)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
@@ -303,7 +270,7 @@ def time_shape(
             torch.no_grad()
         ):  # reference log-probs = the starting policy's (precomputed, as dDPO does by default)
             for b in batches:
-                logits, targets, keep = label_logits(model, b)
+                logits, targets, keep = losses.label_logits(model, b)
                 b["ref_logps"] = losses.sequence_logps(logits, targets, b["seq_index"][keep], 2 * rows)[0]
     opt = torch.optim.AdamW(
         model.parameters(),
@@ -366,6 +333,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    env = envelope("gpu_train_step", a.smoke)
 
     try:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
@@ -392,12 +360,7 @@ def main() -> None:
             kind, dims = item.split(":")
             r, length = dims.lower().split("x")
             shapes.append((kind, int(r), int(length)))
-    if a.no_dpo or not HAS_KEEP:
-        if not HAS_KEEP:
-            print(
-                "this zephyr_ray has no label_logits/sequence_logps/preference_loss: DPO shapes skipped",
-                file=sys.stderr,
-            )
+    if a.no_dpo:
         shapes = [s for s in shapes if s[0] == "sft"]
     steps = a.steps if a.steps is not None else (3 if a.smoke else 10)
     warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
@@ -486,7 +449,6 @@ def main() -> None:
     print(f"loss path: {LOSS_PATH['name']}; pair collation: {PAIRS_FROM}")
 
     payload = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "smoke": a.smoke,
         "device": dev_name,
         "torch": torch.__version__,
@@ -512,9 +474,7 @@ def main() -> None:
         if os.environ.get("OUT")
         else ROOT / "bench" / "results" / "gpu_train_step.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out}")
+    write_result(out, env, payload)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_DATA_DIR, TreeSampler, finish_session, read_jsonl, start_session  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    SHARED_DATA_DIR,
+    TreeSampler,
+    cpu_model,
+    finish_session,
+    read_jsonl,
+    start_session,
+)
 
 FILES = {"sft": "sft_gpt4_teacher.jsonl", "pairs": "gpt4_preferences.jsonl", "instructions": "completions.jsonl"}
 MODEL = "smollm2-135m-instruct"
@@ -398,16 +406,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def check_workers_run(src: Path) -> None:
     """Ray workers import the code snapshot, like this process."""
     import ray
@@ -441,7 +439,7 @@ def check_close(what: str, ours: float, stage: float, tol: float = 2e-3) -> None
 
 def run(a: argparse.Namespace) -> None:
     s = QUICK if a.quick else FULL
-    session = start_session(a.work_dir, "real_recipe_", "quick" if a.quick else "full size")
+    session = start_session(a.work_dir, "real_recipe_", "quick" if a.quick else "full size", quick=a.quick)
     work, phases = session.work, Phases()
     # Ray's processes (started below) import the snapshot too; never join another cluster.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(session.src), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -551,7 +549,7 @@ def run(a: argparse.Namespace) -> None:
     import ray
 
     ray.shutdown()
-    elapsed = time.time() - session.t_start
+    elapsed = time.time() - session.env["when_unix"]
     machine = {"cores": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
                "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     write_jsonl([{"prompt_id": r["prompt_id"], "chosen_model": r["chosen_model"],

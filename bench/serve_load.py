@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import build_model, load_prompts  # noqa: E402
+from common import build_model, envelope, load_prompts, write_result  # noqa: E402
 
 from zephyr_ray.cluster import free_port  # noqa: E402
 
@@ -457,7 +456,11 @@ def main() -> None:
     ap.add_argument("--kill-clients", type=int, default=16)
     ap.add_argument("--kill-after-s", type=float, default=45.0, help="how long the clients go on after the kill")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--quick", action="store_true", help="smallest settings (checks the bench; not a result)")
     a = ap.parse_args()
+    if a.quick:
+        a.models, a.concurrency, a.requests, a.rounds, a.max_tokens, a.prompts = "tiny", "1,4", 16, 1, 8, 16
+    env = envelope("serve_load", a.quick)
     levels = [int(x) for x in a.concurrency.split(",")]
     models = [m for m in a.models.split(",") if m]
     if not set(models) <= {"tiny", "medium"}:
@@ -465,9 +468,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.pop("RAY_ADDRESS", None)  # never someone else's cluster
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
     import torch
-    import transformers
 
     torch.set_num_threads(a.threads)
     prompts, source = load_prompts(a.prompts)
@@ -483,29 +484,21 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     clock = CpuClock()
-    started = time.time()
     before = clock.sample()
     with tempfile.TemporaryDirectory(prefix="serve_load_") as work:
         results = [bench_model(kind, a, levels, conversations, Path(work), clock) for kind in models]
     after = clock.sample()
     report = {
-        "command": " ".join([".venv/bin/python", "bench/serve_load.py", *sys.argv[1:]]),
-        "when_unix": started, "elapsed_s": time.time() - started,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
-                    "loadavg_end": list(os.getloadavg()),
-                    "foreign_cpu_cores_whole_run": CpuClock.foreign(before, after)},
+        "foreign_cpu_cores_whole_run": CpuClock.foreign(before, after),
         "params": {"max_tokens": a.max_tokens, "greedy": True, "modes": ["json", "stream"], "concurrency": levels,
                    "requests_per_level": {c: max(a.requests, 4 * c) for c in levels}, "rounds": a.rounds,
                    "torch_threads": a.threads, "max_batch_size": a.max_batch_size,
                    "replica_num_cpus": 1, "prompts": len(prompts), "prompt_source": source},
         "results": results,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print_table(results, levels)
-    print(f"written to {a.out}")
+    write_result(a.out, env, report)
 
 
 if __name__ == "__main__":

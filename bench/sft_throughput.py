@@ -42,6 +42,15 @@ Configurations (``--ours``, ``--trl``; global batch = ``--global-batch`` packed 
   row of ~batch x max_length tokens (SDPA then computes a (batch x max_length)^2 masked attention);
 * trl-bs1-gas: per_device_train_batch_size = 1, gradient_accumulation_steps = batch (one packed row per forward).
 
+* trl-2p / trl-2p-bs1-gas: trl-bs / trl-bs1-gas as 2 DDP processes under torchrun (gloo, 1 thread each).
+
+Defaults put TRL at its best: every layout above (padding-free is on: TRL 1.16's bfd packing implies it, and on CPU
+SDPA reads the sequence boundaries from position_ids; a length-grouped sampler has nothing to group in packed rows
+of ~max_length). The headline ratio is ours-2w against the fastest TRL configuration of the same run, printed only
+when the trained non-pad tokens agree up to the packed rows each side left out of the last partial batch (token
+parity, reported). Memory three ways as in dpo_throughput.py. ``--model smollm2-135m-instruct`` trains the real
+model; ``--quick`` is a smoke run.
+
 The code under test is a snapshot of zephyr_ray/ and configs/ taken at start (first on PYTHONPATH for every
 process, Ray workers included), so edits to the checkout during a run do not mix versions.
 
@@ -54,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -64,14 +72,16 @@ from common import (
     TRL_COMMON_ARGS,
     MetricsTail,
     add_common_args,
-    best_of_side,
+    bench_name,
     best_per_config,
     check_snapshot,
     deltas,
+    fastest,
     finish_session,
     fmt,
-    machine_info,
+    headline,
     matmul_flops,
+    memory_goal,
     names_in,
     print_failures,
     print_noise_notes,
@@ -82,6 +92,7 @@ from common import (
     start_session,
     steady_state,
     step_clock,
+    token_parity,
 )
 
 from zephyr_ray.models import TINY_FAMILY_NAMES, load_model
@@ -115,7 +126,14 @@ TRL_CONFIGS = {
     # One packed row per forward and gradient accumulation to the same global batch: attention footprint per
     # forward equal to ours (rows of max_length).
     "trl-bs1-gas": {"per_device": 1, "gas": "global"},
+    # TRL data-parallel as ours is: 2 processes under torchrun (gloo, OMP_NUM_THREADS=1 each), batch / 2 per rank.
+    "trl-2p": {"per_device": "rank", "gas": 1, "nproc": 2},
+    "trl-2p-bs1-gas": {"per_device": 1, "gas": "rank", "nproc": 2},
 }
+# Peers at their best by default: every TRL layout that can be fastest, against ours as shipped.
+DEFAULT_OURS = "ours-2w"
+DEFAULT_TRL = "trl-bs,trl-bs1-gas,trl-2p,trl-2p-bs1-gas"
+REAL_LIMIT = 64  # dialogues with --model (a 135M model: ~10x the tiny one's step time)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -176,6 +194,7 @@ def side_ours(spec: dict) -> dict:
         "steady": steady_state(ends, {"tokens": tokens}, w),
         "loop_timer_tokens_per_s": sum(tokens[w:]) / sum(m["step_time_s"] for m in timer),
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
+        "packed_rows": report["packed_rows"],
         "ray_init_s": t_ray,
         "run_sft_s": t_fit,
         "data_report": report,
@@ -187,7 +206,7 @@ def side_ours(spec: dict) -> dict:
 # side: TRL SFTTrainer
 
 
-def side_trl(spec: dict) -> dict:
+def side_trl(spec: dict) -> dict | None:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -209,6 +228,7 @@ def side_trl(spec: dict) -> dict:
         completion_only_loss=False,
         per_device_train_batch_size=spec["per_device"],
         gradient_accumulation_steps=spec["gas"],
+        ddp_backend="gloo" if spec.get("nproc", 1) > 1 else None,
         max_steps=spec["total_steps"],
         learning_rate=2e-3,
         warmup_steps=0.1,
@@ -223,8 +243,10 @@ def side_trl(spec: dict) -> dict:
     t0 = time.time()
     out = trainer.train()
     t_train = time.time() - t0
-    tokens = deltas(clock.cum_tokens)
+    tokens = deltas(clock.cum_tokens)  # gathered over ranks by TRL: global
     w = spec["warmup"]
+    if not trainer.is_world_process_zero():
+        return None
     return {
         "side": "trl",
         "steps": len(clock.ends),
@@ -235,6 +257,7 @@ def side_trl(spec: dict) -> dict:
         "train_s": t_train,
         "train_loss": out.training_loss,
         "threads": torch.get_num_threads(),
+        "processes": trainer.args.world_size,
         "packed_rows": len(packed),
         "packed_tokens": packed_tokens,
         "padding_free": trainer.padding_free,
@@ -245,16 +268,19 @@ def side_trl(spec: dict) -> dict:
 # driver
 
 
-def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str = "mistral") -> dict:
-    """The shared model directory, the shared data file (``messages`` only) and the FLOP model of both."""
+def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str = "mistral",
+            model: str | None = None) -> dict:
+    """The shared model directory (a tiny random model of ``arch``, or ``model`` resolved to an HF folder), the
+    shared data file (``messages`` only) and the FLOP model of both."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from zephyr_ray.data.packing import best_fit_decreasing
     from zephyr_ray.data.tokenize import tokenize_messages
+    from zephyr_ray.gguf_import import resolve
     from zephyr_ray.models import build_tiny, load_tokenizer
 
-    model_path = build_tiny(work / "tiny-base", seed=0, arch=arch)
+    model_path = resolve(model) if model else build_tiny(work / "tiny-base", seed=0, arch=arch)
     rows = read_jsonl(data_src)
     rows = rows[:limit] if limit else rows
     data_path = work / "dialogues.jsonl"
@@ -266,11 +292,12 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         labels = enc["labels"][:max_length]
         lengths.append(len(labels))
         head_positions += sum(1 for t in labels[1:] if t != -100)  # positions followed by a trained token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    c = model.config
-    total = sum(p.numel() for p in model.parameters())
-    head = model.get_output_embeddings().weight.numel()
-    body = total - model.get_input_embeddings().weight.numel() - head
+    net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    c = net.config
+    total = sum(p.numel() for p in net.parameters())
+    emb, out_w = net.get_input_embeddings().weight, net.get_output_embeddings().weight
+    head = out_w.numel()
+    body = total - emb.numel() - (0 if out_w is emb else head)  # a tied head (SmolLM2) is counted once in total
     s_eff = sum(x * x for x in lengths) / sum(lengths)
     f_head = head_positions / sum(lengths)
     flops_per_token = 6 * body + 6 * head * f_head + 6 * c.num_hidden_layers * c.hidden_size * s_eff
@@ -285,7 +312,7 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         "tokens_after_truncation": sum(lengths),
         "truncated_rows": sum(1 for x in lengths if x == max_length),
         "params_total": total,
-        "params_non_embedding": total - model.get_input_embeddings().weight.numel(),
+        "params_non_embedding": total - net.get_input_embeddings().weight.numel(),
         "params_body": body,
         "params_head": head,
         "head_fraction": f_head,
@@ -295,6 +322,7 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         "the input embedding and LM head, f = fraction of tokens followed by a trained (assistant) "
         "token, n_i = tokens of each dialogue after truncation to max_length",
         "family": arch,
+        "model": model or f"tiny random {arch} (build_tiny, seed 0)",
         "arch": {
             k: getattr(c, k, None)
             for k in (
@@ -323,16 +351,21 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
         micro = oc.get("micro_batch", per_worker)
         if per_worker % micro:
             raise SystemExit(f"{name}: {per_worker} rows per worker do not split into micro-batches of {micro}")
-        spec = {"side": "ours", "name": name, **common, "micro_batch_size": micro, "gas": per_worker // micro,
+        spec = {"side": "ours", "name": name, **common, "trainer_label": "ray::RayTrainWorker",
+                "micro_batch_size": micro, "gas": per_worker // micro,
                 "num_workers": oc["num_workers"], "cpus_per_worker": oc["cpus_per_worker"],
                 "deepspeed": oc["deepspeed"], "epochs": epochs, "output_dir": str(work / name)}
         specs.append((spec, oc["env"]))
     for name in names_in(a.trl, TRL_CONFIGS):
         tc = TRL_CONFIGS[name]
-        per = a.global_batch if tc["per_device"] == "global" else tc["per_device"]
-        gas = a.global_batch if tc["gas"] == "global" else tc["gas"]
-        specs.append(({"side": "trl", "name": name, **common, "per_device": per, "gas": gas,
-                       "output_dir": str(work / name)}, {}))
+        nproc = tc.get("nproc", 1)
+        if a.global_batch % nproc:
+            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {nproc} processes")
+        sizes = {"global": a.global_batch, "rank": a.global_batch // nproc}
+        per, gas = sizes.get(tc["per_device"], tc["per_device"]), sizes.get(tc["gas"], tc["gas"])
+        # one thread per process when data-parallel (as ours: Ray gives each worker OMP_NUM_THREADS=1)
+        specs.append(({"side": "trl", "name": name, **common, "per_device": per, "gas": gas, "nproc": nproc,
+                       "output_dir": str(work / name)}, {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}))
     return specs
 
 
@@ -340,144 +373,132 @@ def tokens_per_s(r: dict) -> float:
     return r["steady"]["tokens_per_s"]
 
 
-def print_table(a: argparse.Namespace, prep: dict, specs: list, runs: list[dict], best: dict[str, dict],
-                mm_before: dict, mm_after: dict, total_steps: int, work: Path) -> None:
-    peak = max(mm_before["best_flops"], mm_after["best_flops"])
-    print()
-    print(
-        f"dSFT throughput, tiny {prep['family']} ({prep['params_total']:,} params; body {prep['params_body']:,}, LM head "
-        f"{prep['params_head']:,}), "
-        f"max_length {a.max_length}, {a.global_batch} packed rows/step, fp32, assistant-only loss, data "
-        f"{Path(prep['data_source']).name} ({prep['rows']} dialogues, {prep['truncated_rows']} truncated; "
-        f"{prep['packed_rows']} packed rows, {prep['packed_rows_with_several_dialogues']} holding several)"
-    )
-    print(
-        f"steady state = steps {a.warmup + 1}..{total_steps} (first {a.warmup} excluded); machine fp32 matmul "
-        f"{peak / 1e9:.1f} GFLOP/s (2048^3, best of before/after: {mm_before['best_flops'] / 1e9:.1f} / "
-        f"{mm_after['best_flops'] / 1e9:.1f}); FLOPs/token {prep['flops_per_token'] / 1e6:.2f} M (head fraction "
-        f"{prep['head_fraction']:.2f}, attention length {prep['attn_effective_len']:.0f})"
-        + (f"; best of {a.repeats} runs per config" if a.repeats > 1 else "")
-    )
-    hdr = (
-        f"{'config':<14}{'tokens/s':>10}{'tok/step':>10}{'s/step':>8}{'loop-timer':>11}{'MFU-cpu':>9}"
-        f"{'peak RSS':>10}{'peak PSS':>10}{'procs':>6}{'wall':>7}{'other cores':>12}"
-    )
-    print(hdr)
-    print("-" * len(hdr))
+def summarize(best: dict[str, dict], runs: list[dict], peak_flops: float, flops_per_token: float) -> dict[str, dict]:
+    """The figures of each configuration's best run (by steady tokens/s), for the table and the JSON."""
+    out = {}
+    for name, r in best.items():
+        out[name] = {
+            "name": name,
+            "side": r["side"],
+            "tokens_per_s": tokens_per_s(r),
+            "tokens_per_step": r["steady"]["tokens_per_step"],
+            "step_time_s": r["steady"]["step_time_s"],
+            "mfu_cpu": tokens_per_s(r) * flops_per_token / peak_flops,
+            "tokens_trained": sum(r["tokens_per_step_list"]),
+            "packed_rows": r["packed_rows"],
+            "steps": r["steps"],
+            **r["memory"],
+            "process_wall_s": r["process_wall_s"],
+            "foreign_cpu_cores_in_window": r["foreign_cpu_cores_in_window"],
+            "round": r["round"],
+            "all_runs_tokens_per_s": [tokens_per_s(x) for x in runs if x["name"] == name and x["ok"]],
+        }
+    return out
+
+
+COLUMNS = [  # (key, header, format) of the table printed here and in docs/benchmarks.md
+    ("name", "config", ""), ("tokens_per_s", "tokens/s", ".0f"), ("step_time_s", "s/step", ".3f"),
+    ("mfu_cpu", "MFU (CPU)", ".3%"), ("tokens_trained", "tokens trained", ".0f"),
+    ("train_processes", "train procs", ".0f"), ("largest_train_rss_mb", "largest proc RSS MB", ".0f"),
+    ("train_sum_rss_mb", "train procs RSS MB", ".0f"), ("train_sum_pss_mb", "train procs PSS MB", ".0f"),
+    ("tree_rss_mb", "tree RSS MB", ".0f"), ("tree_pss_mb", "tree PSS MB", ".0f"),
+    ("foreign_cpu_cores_in_window", "other cores", ".2f"),
+]
+
+
+def parity_of(summary: dict[str, dict], trained_rows: int, max_length: int, epochs: int = 1) -> dict:
+    """Token parity: every configuration must train the same non-pad tokens, up to the packed rows each side left
+    out of the last (partial) batch (their order differs: TRL shuffles, ours keeps packing order), each at most
+    ``max_length`` tokens."""
+    names = list(summary)
+    if not names:
+        return token_parity({})
+    left = {k: max(0, v["packed_rows"] * epochs - trained_rows) for k, v in summary.items()}
+    allowed = {k: (left[k] + left[names[0]]) * max_length for k in names}
+    return {**token_parity({k: v["tokens_trained"] for k, v in summary.items()}, allowed),
+            "rows_left_out": left}
+
+
+def headlines(summary: dict[str, dict], parity: dict) -> list[dict]:
+    """ours-2w (as shipped) against the fastest TRL configuration of this run; memory as summed training processes
+    against each TRL layout with as many processes, and against single-process TRL."""
+    ours = summary.get("ours-2w") or fastest(summary, "ours", "tokens_per_s")
+    out = [headline("dSFT tokens/s", ours, fastest(summary, "trl", "tokens_per_s"), "tokens_per_s", "tokens/s",
+                    parity["ok"], goal=1.3)]
+    if ours is not None:
+        for g in memory_goal(summary, ours["name"], 0.7):
+            out.append(headline(f"dSFT summed training-process RSS vs {g['peer_processes']}-process TRL", ours,
+                                summary[g["peer"]], "train_sum_rss_mb", "MB", True, goal=0.7, lower_is_better=True))
+    return out
+
+
+def print_table(summary: dict[str, dict], specs: list, work: Path) -> None:
+    widths = [max(len(h), 8) + 2 for _, h, _ in COLUMNS]
+    print("".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
     for spec, _ in specs:
-        r = best.get(spec["name"])
-        if r is None:
-            print(f"{spec['name']:<14} FAILED (logs in {work})")
+        v = summary.get(spec["name"])
+        if v is None:
+            print(f"{spec['name']} FAILED (logs in {work})")
             continue
-        st = r["steady"]
-        others = [tokens_per_s(x) for x in runs if x["name"] == spec["name"] and x["ok"]]
-        print(
-            f"{r['name']:<14}{st['tokens_per_s']:>10.0f}{st['tokens_per_step']:>10.0f}{st['step_time_s']:>8.3f}"
-            f"{fmt(r.get('loop_timer_tokens_per_s')):>11}{100 * r['mfu_cpu']:>8.2f}%"
-            f"{r['peak_rss_mb']:>8.0f}MB{r['peak_pss_mb']:>8.0f}MB{r['peak_rss_processes']:>6}"
-            f"{r['process_wall_s']:>6.0f}s{fmt(r['foreign_cpu_cores_in_window'], '.2f'):>12}"
-            + (
-                f"   runs: {', '.join(f'{x:.0f}' for x in others)} (median {statistics.median(others):.0f})"
-                if len(others) > 1
-                else ""
-            )
-        )
-    print(
-        "tokens/s: non-padding input tokens / wall time of the measured steps (best run per config); loop-timer: "
-        "ours' own step_time_s "
-        "(leaves out gaps between steps); MFU-cpu: tokens/s x FLOPs/token / matmul FLOP/s; peak RSS: summed over the "
-        "process tree (PSS: shared pages split); wall: whole subprocess incl. startup; other cores: CPU used by "
-        "processes outside the benchmark during the window"
-    )
-    best_ours, best_trl = best_of_side(best, "ours", tokens_per_s), best_of_side(best, "trl", tokens_per_s)
-    if best_ours and best_trl:
-        print(
-            f"\nratio ours/TRL = {tokens_per_s(best_ours) / tokens_per_s(best_trl):.2f}x  (ours best: "
-            f"{best_ours['name']} {tokens_per_s(best_ours):.0f} tok/s; TRL best: {best_trl['name']} "
-            f"{tokens_per_s(best_trl):.0f} tok/s; goal >= 1.3x)"
-        )
-        print(
-            f"peak RSS: ours ({best_ours['name']}) {best_ours['peak_rss_mb']:.0f} MB (PSS "
-            f"{best_ours['peak_pss_mb']:.0f} MB) vs TRL ({best_trl['name']}) {best_trl['peak_rss_mb']:.0f} MB (PSS "
-            f"{best_trl['peak_pss_mb']:.0f} MB)"
-        )
-    print_noise_notes({k: r["foreign_cpu_cores_in_window"] for k, r in best.items()}, a)
-    print_failures(runs)
+        print("".join(f"{v[k] if not f else fmt(v[k], f):>{w}}" for (k, _, f), w in zip(COLUMNS, widths)))
 
 
-def result_payload(a: argparse.Namespace, prep: dict, specs: list, runs: list[dict], best: dict[str, dict],
-                   machine: dict, epochs: int) -> dict:
-    best_ours, best_trl = best_of_side(best, "ours", tokens_per_s), best_of_side(best, "trl", tokens_per_s)
-    return {
-        "machine": machine,
-        "config": {
-            "steps": a.steps,
-            "warmup": a.warmup,
-            "max_length": a.max_length,
-            "global_batch_rows": a.global_batch,
-            "repeats": a.repeats,
-            "epochs_cap": epochs,
-            "precision": "fp32",
-            "packing": "best-fit decreasing, position_ids, no attention mask (both sides)",
-            "loss": "assistant tokens only (both sides)",
-            "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
-            "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
-        },
-        "model_and_data": prep,
-        "ours_tokens_per_s": tokens_per_s(best_ours) if best_ours else None,
-        "trl_tokens_per_s": tokens_per_s(best_trl) if best_trl else None,
-        "ratio_ours_over_trl": tokens_per_s(best_ours) / tokens_per_s(best_trl) if best_ours and best_trl else None,
-        "ours_best_config": best_ours["name"] if best_ours else None,
-        "trl_best_config": best_trl["name"] if best_trl else None,
-        "ours_peak_rss_mb": best_ours["peak_rss_mb"] if best_ours else None,
-        "trl_peak_rss_mb": best_trl["peak_rss_mb"] if best_trl else None,
-        "best_by_config": {
-            k: {
-                "tokens_per_s": tokens_per_s(v),
-                "mfu_cpu": v["mfu_cpu"],
-                "peak_rss_mb": v["peak_rss_mb"],
-                "peak_pss_mb": v["peak_pss_mb"],
-                "round": v["round"],
-                "all_runs_tokens_per_s": [tokens_per_s(x) for x in runs if x["name"] == k and x["ok"]],
-            }
-            for k, v in best.items()
-        },
-        "runs": runs,
-    }
+def print_headlines(heads: list[dict], parity: dict) -> None:
+    if not parity["ok"]:
+        print(f"\nNO RATIO: the configurations trained different tokens beyond packing differences: "
+              f"{parity['beyond_allowed']} (reference {parity['reference']}, allowed {parity['allowed']})")
+    for h in heads:
+        if h["ratio"] is None:
+            print(f"{h['name']}: no ratio ({h['why_none']})")
+        else:
+            verdict = "" if h["met"] is None else (" MET" if h["met"] else " not met")
+            print(f"{h['name']}: {h['ours_config']} {h['ours_value']:.0f} vs {h['peer_config']} {h['peer_value']:.0f} "
+                  f"{h['unit']} = {h['ratio']:.2f}x (goal {'<=' if h['unit'] == 'MB' else '>='} {h['goal']}x){verdict}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)",
-    )
-    ap.add_argument(
-        "--limit",
-        type=int,
-        default=256,
-        help="first N dialogues of the data (default 256 = the tiny recipe's data.pack_window, so both sides pack "
-        "the same rows; 0 = all)",
-    )
+    ap.add_argument("--steps", type=int, default=None,
+                    help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="first N dialogues of the data (default 256 = the tiny recipe's data.pack_window, so both "
+                    f"sides pack the same rows; {REAL_LIMIT} with --model; 0 = all)")
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, default=None, help="default 1024 (512 with --model)")
     ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step (both sides)")
     ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
     ap.add_argument("--arch", default="mistral", choices=TINY_FAMILY_NAMES,
                     help="family of the tiny model both sides train (same parameter budget for every family)")
-    ap.add_argument("--ours", default="ours-2w,ours-1w,ours-1w-omp2", help=f"of {list(OURS_CONFIGS)}")
-    ap.add_argument("--trl", default="trl-bs,trl-bs1-gas", help=f"of {list(TRL_CONFIGS)}")
+    ap.add_argument("--model", default=None,
+                    help="a real model both sides train instead of the tiny one (an embedded name such as "
+                    "smollm2-135m-instruct, a GGUF file or an HF folder; zephyr_ray.gguf_import.resolve)")
+    ap.add_argument("--ours", default=None, help=f"of {list(OURS_CONFIGS)} (default {DEFAULT_OURS})")
+    ap.add_argument("--trl", default=None, help=f"of {list(TRL_CONFIGS)} (default {DEFAULT_TRL})")
     add_common_args(ap, DEFAULT_OUT)
     a = ap.parse_args()
     if a._side:
         side_main(a, {"ours": side_ours, "trl": side_trl})
         return
+    if a.limit is None:
+        a.limit = REAL_LIMIT if a.model else 256
+    if a.max_length is None:
+        a.max_length = 512 if a.model else 1024
+    named = a.ours is not None or a.trl is not None  # naming either runs only what was named
+    if a.quick:  # smallest settings
+        a.limit, a.max_length, a.global_batch, a.warmup = 32, 256, 2, 1
+        if not named:
+            a.ours, a.trl = "ours-2w", "trl-bs,trl-2p"
+    a.ours = a.ours if a.ours is not None else ("" if named else DEFAULT_OURS)
+    real_trl = "trl-bs1-gas,trl-2p-bs1-gas"  # with --model: fewer configurations (a 135M model, minutes each)
+    a.trl = a.trl if a.trl is not None else ("" if named else (real_trl if a.model else DEFAULT_TRL))
 
     data_src = a.data or (SHARED_DATA if SHARED_DATA.exists() else SAMPLE_DATA)
-    session = start_session(a.work_dir, "sft_bench_", f"data {data_src}")
-    prep = prepare(session.work, data_src, a.max_length, a.limit, a.arch)
+    bench = bench_name("sft_throughput", a.model)
+    if a.out == DEFAULT_OUT:
+        a.out = DEFAULT_OUT.with_name(f"{bench}.json")
+    session = start_session(a.work_dir, "sft_bench_", f"data {data_src}", quick=a.quick,
+                            bench=bench)
+    prep = prepare(session.work, data_src, a.max_length, a.limit, a.arch, a.model)
     # Packed rows come out of best-fit decreasing fullest first (long single dialogues, then packed short ones),
     # so a window shorter than an epoch sees an unrepresentative mix; by default the window is the whole epoch.
     epoch_steps = prep["packed_rows"] // a.global_batch
@@ -487,30 +508,48 @@ def main() -> None:
     total_steps = a.warmup + steps
     epochs = math.ceil(total_steps / epoch_steps)
     if epochs > 1:
-        print(
-            f"[bench] note: {total_steps} steps span {epochs} epochs of {epoch_steps}; ours re-runs its Ray Data "
-            "pipeline at each epoch start",
-            flush=True,
-        )
+        print(f"[bench] note: {total_steps} steps span {epochs} epochs of {epoch_steps}; ours re-runs its Ray Data "
+              "pipeline at each epoch start", flush=True)
     a.steps = steps
     mm_before = matmul_flops()
-    print(
-        f"[bench] fp32 matmul {mm_before['best_flops'] / 1e9:.1f} GFLOP/s (best; {mm_before['threads']} threads); "
-        f"{a.warmup} warmup + {a.steps} measured steps per run",
-        flush=True,
-    )
+    print(f"[bench] fp32 matmul {mm_before['best_flops'] / 1e9:.1f} GFLOP/s (best; {mm_before['threads']} threads); "
+          f"{a.warmup} warmup + {a.steps} measured steps per run", flush=True)
     specs = build_specs(a, session.src, prep, session.work, total_steps, epochs)
     runs = run_rounds(Path(__file__).resolve(), specs, session.work, a,
-                      lambda r: f"{tokens_per_s(r):.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB")
+                      lambda r: f"{tokens_per_s(r):.0f} tokens/s, peak RSS {r['memory']['tree_rss_mb']:.0f} MB tree")
     mm_after = matmul_flops()
-    machine = machine_info(mm_before, mm_after)
-    for r in runs:
-        if r["ok"]:
-            r["train_flops"] = tokens_per_s(r) * prep["flops_per_token"]
-            r["mfu_cpu"] = r["train_flops"] / machine["matmul_fp32_peak_flops"]
+    peak = max(mm_before["best_flops"], mm_after["best_flops"])  # MFU against the matmul rate of this run
     best = best_per_config(runs, [s["name"] for s, _ in specs], tokens_per_s)
-    print_table(a, prep, specs, runs, best, mm_before, mm_after, total_steps, session.work)
-    finish_session(session, result_payload(a, prep, specs, runs, best, machine, epochs), a.out)
+    summary = summarize(best, runs, peak, prep["flops_per_token"])
+    parity = parity_of(summary, total_steps * a.global_batch, a.max_length, epochs)
+    heads = headlines(summary, parity)
+    print(f"\ndSFT throughput, {prep['model']} ({prep['params_total']:,} params), max_length {a.max_length}, "
+          f"{a.global_batch} packed rows/step, fp32, assistant-only loss, data {Path(prep['data_source']).name} "
+          f"({prep['rows']} dialogues, {prep['packed_rows']} packed rows); steady state = steps "
+          f"{a.warmup + 1}..{total_steps}; matmul {peak / 1e9:.1f} GFLOP/s; FLOPs/token "
+          f"{prep['flops_per_token'] / 1e6:.2f} M" + (f"; best of {a.repeats} runs" if a.repeats > 1 else ""))
+    print_table(summary, specs, session.work)
+    print_headlines(heads, parity)
+    print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
+    print_failures(runs)
+    finish_session(session, {
+        "matmul": {"before": mm_before, "after": mm_after, "peak_flops": peak},
+        "config": {
+            "model": prep["model"], "steps": a.steps, "warmup": a.warmup, "limit": a.limit,
+            "max_length": a.max_length, "global_batch_rows": a.global_batch, "repeats": a.repeats,
+            "epochs_cap": epochs, "precision": "fp32",
+            "packing": "best-fit decreasing, position_ids, no attention mask (both sides)",
+            "loss": "assistant tokens only (both sides)",
+            "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
+            "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
+        },
+        "model_and_data": prep,
+        "parity": parity,
+        "table": {"columns": COLUMNS, "rows": [summary[s["name"]] for s, _ in specs if s["name"] in summary]},
+        "headline": heads,
+        "summary": summary,
+        "runs": runs,
+    }, a.out)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
                                                  "loading transformers (seconds); the functions run on a loaded model",
 }
 # Not checked yet: data/pipeline.py and data/sft.py (the shuffle) are being changed in the benchmarks work.
-EXEMPT = ("zephyr_ray/data/pipeline.py", "zephyr_ray/data/sft.py")
+EXEMPT: tuple[str, ...] = ()
 
 
 def imported_modules(source: str) -> set[str]:

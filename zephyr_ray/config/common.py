@@ -127,6 +127,9 @@ class DataConfig:
     # mega-batch); packed, the workers' micro-batches of a step are alike and none waits for another.
     group_by_length: bool = True
     shuffle: bool = True
+    # Rows shuffled together (a seeded permutation of each window of the input, in input order): streaming, so
+    # memory does not grow with the data, unlike a global shuffle, which holds every row before the first goes out.
+    shuffle_window: int = 8192
     seed: int = 0
     on_bad_row: str = choice("error", "skip")
     # What to do with a dialogue longer than max_length tokens.
@@ -151,6 +154,8 @@ class DataConfig:
             out.append(("path", "give a data file, folder or hub id (or data.mixture)"))
         if not 0 <= self.eval_fraction < 1:
             out.append(("eval_fraction", "must be within [0, 1)"))
+        if self.shuffle_window < 1:
+            out.append(("shuffle_window", "must be at least 1 row"))
         if self.eval_fraction and self.eval_path:
             out.append(("eval_fraction", f"holds out part of data.path, but data.eval_path={self.eval_path!r} is "
                                          "set too: give one of them"))

@@ -7,15 +7,19 @@ and the stream the train workers consume, so the two always agree.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from zephyr_ray.config import DataConfig
 from zephyr_ray.data.rows import DataReport, raise_bad_row
 from zephyr_ray.data.tokenize import cached_tokenizer
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
 Examples = Callable[[list[dict[str, Any]], Any, DataConfig], tuple[list[dict[str, Any]], DataReport]]
@@ -23,16 +27,12 @@ Examples = Callable[[list[dict[str, Any]], Any, DataConfig], tuple[list[dict[str
 
 def _rows(batch: pa.Table, examples: Examples, schema: pa.Schema, tokenizer_path: str, cfg: DataConfig,
           chat_template: str | None = None) -> pa.Table:
-    import pyarrow as pa
-
     out, _ = examples(batch.to_pylist(), cached_tokenizer(tokenizer_path, chat_template), cfg)
     return pa.Table.from_pylist(out, schema=schema)
 
 
 def _report(batch: pa.Table, examples: Examples, tokenizer_path: str, cfg: DataConfig,
             chat_template: str | None = None) -> pa.Table:
-    import pyarrow as pa
-
     _, report = examples(batch.to_pylist(), cached_tokenizer(tokenizer_path, chat_template), cfg)
     return pa.table({"report": [report.to_json()]})
 
@@ -54,6 +54,8 @@ def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: D
     reports = _shuffled(rows, cfg).map_batches(
         _report, batch_format="pyarrow", batch_size=cfg.pack_window,
         fn_kwargs={"examples": examples, "tokenizer_path": tokenizer_path, "cfg": cfg, "chat_template": chat_template})
+    # The same shuffle and pack windows as the training stream (Ray Train preserves order), so the counts agree.
+    reports.context.execution_options.preserve_order = True
     total = DataReport()
     try:
         for item in reports.iter_rows():
@@ -64,5 +66,27 @@ def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: D
     return total
 
 
+def window_order(n: int, seed: int, first_row: dict[str, Any]) -> list[int]:
+    """The permutation of a window of ``n`` rows: seeded by ``seed`` and a digest of the window's first row, never by
+    process state (Python's ``hash`` is salted per process), so every run and every restart sees the same order
+    and a resume that skips the micro-batches already trained skips exactly those rows."""
+    key = json.dumps(first_row, sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    order = list(range(n))
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    return order
+
+
+def _shuffle_window(batch: pa.Table, seed: int) -> pa.Table:
+    if batch.num_rows < 2:
+        return batch
+    return batch.take(window_order(batch.num_rows, seed, batch.slice(0, 1).to_pylist()[0]))
+
+
 def _shuffled(rows: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
-    return rows.random_shuffle(seed=cfg.seed) if cfg.shuffle else rows
+    """Windowed shuffle: each ``shuffle_window`` rows in a seeded order. Ray Data's ``random_shuffle`` is an
+    all-to-all barrier that holds the whole dataset before its first row goes out; this streams."""
+    if not cfg.shuffle:
+        return rows
+    return rows.map_batches(_shuffle_window, batch_format="pyarrow", batch_size=cfg.shuffle_window,
+                            fn_kwargs={"seed": cfg.seed})

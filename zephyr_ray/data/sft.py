@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
 
 from zephyr_ray.config import DataConfig
 from zephyr_ray.data.packing import longest_first, pack_sequences
 from zephyr_ray.data.rows import DataReport, valid_rows
 from zephyr_ray.data.schema import RowProblem, validate_messages
 from zephyr_ray.data.tokenize import IGNORE_INDEX, tokenize_messages
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 
 def _validate(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -59,7 +58,5 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) ->
 
 
 def sft_schema() -> pa.Schema:
-    import pyarrow as pa
-
     ints = pa.list_(pa.int64())
     return pa.schema([("input_ids", ints), ("labels", ints), ("position_ids", ints), ("sample_ids", pa.list_(pa.string()))])
