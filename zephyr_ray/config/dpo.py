@@ -16,8 +16,7 @@ PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 @dataclass
 class ReferenceConfig(ActorPoolConfig):
     # precompute: Ray actors stream the frozen model's log-probs into the data once (workers never hold
-    # it); online: each worker keeps its own frozen copy (for data made on the fly). simpo/orpo use no
-    # reference: leave this section at its defaults there.
+    # it); online: each worker keeps its own frozen copy (for data made on the fly).
     mode: str = choice("precompute", "online")
     # The frozen reference; None = the policy's starting point (model.path), i.e. the dSFT model.
     path: str | None = None
@@ -85,6 +84,7 @@ class DPOConfig:
     # (its loss has that term already) or kto (no pairs).
     rpo_alpha: float = 0.0
     max_prompt_length: int = 512
+    # The frozen reference of sigmoid/ipo/hinge/kto; simpo and orpo use none (leave it at its defaults there).
     ref: ReferenceConfig = field(default_factory=ReferenceConfig)
     # loss_type=simpo's hyper-parameters.
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
