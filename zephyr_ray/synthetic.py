@@ -105,6 +105,17 @@ def sample_preferences(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def sample_unpaired(n: int, seed: int = 0) -> list[dict]:
+    """KTO's unpaired rows ``{prompt, completion, label}`` from ``n`` preference pairs (TRL's unpairing): each
+    pair's right answer (label true, desirable), then its wrong one (false): 2n rows, balanced 1:1."""
+    rows = []
+    for pair in sample_preferences(n, seed):
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append({"prompt": pair["prompt"], "prompt_id": pair["prompt_id"],
+                         "completion": pair[side][-1]["content"], "label": label})
+    return rows
+
+
 def sample_prompts(n: int, seed: int = 0) -> list[dict]:
     """``n`` single-turn prompts (``prompt``, ``prompt_id``): seeds for AI feedback and self-instruct."""
     r = random.Random(seed + 2)

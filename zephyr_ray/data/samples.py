@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from zephyr_ray.data.io import write_jsonl
-from zephyr_ray.synthetic import TASKS, sample_dialogues, sample_preferences, sample_prompts
+from zephyr_ray.synthetic import TASKS, sample_dialogues, sample_preferences, sample_prompts, sample_unpaired
 
-__all__ = ["SHIPPED", "TASKS", "sample_dialogues", "sample_preferences", "sample_prompts", "write_samples"]
+__all__ = ["SHIPPED", "TASKS", "sample_dialogues", "sample_preferences", "sample_prompts", "sample_unpaired",
+           "write_samples"]
 
 SHIPPED = {"sft.jsonl": lambda: sample_dialogues(256), "prefs.jsonl": lambda: sample_preferences(256),
-           "prompts.jsonl": lambda: sample_prompts(64)}
+           "prompts.jsonl": lambda: sample_prompts(64), "kto.jsonl": lambda: sample_unpaired(128)}
 
 
 def write_samples(out_dir: str | Path) -> None:

@@ -32,7 +32,7 @@ from zephyr_ray.data.tokenize import cached_tokenizer
 from zephyr_ray.models import load_tokenizer
 from zephyr_ray.tracking import MetricsLogger
 from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
-from zephyr_ray.train.objectives import Objective, build_objective
+from zephyr_ray.train.objectives import Objective, build_objective, summarize
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"
@@ -260,7 +260,8 @@ def evaluate(engine: Any, objective: Objective, batches: list[dict[str, list]], 
     totals = torch.stack([units, *(sums[k] for k in keys)])
     dist.all_reduce(totals)
     n, *values = totals.tolist()
-    return {f"eval_{k}": v / max(n, 1.0) for k, v in zip(keys, values, strict=True)}
+    means = summarize(objective, {k: v / max(n, 1.0) for k, v in zip(keys, values, strict=True)})
+    return {f"eval_{k}": v for k, v in means.items()}
 
 
 def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: TrainingRecipe, plan: StepPlan, state: TrainerState,
@@ -304,7 +305,7 @@ def train_epochs(engine: Any, objective: Objective, shard: Any, cfg: TrainingRec
             keys = sorted(sums)
             totals = torch.stack([sums[k] for k in keys])
             dist.all_reduce(totals)
-            means = {k: v / max(units, 1.0) for k, v in zip(keys, totals.tolist())}
+            means = summarize(objective, {k: v / max(units, 1.0) for k, v in zip(keys, totals.tolist())})
             elapsed = time.perf_counter() - t0
             state.step += 1
             state.micro_batches_in_epoch += len(group)

@@ -26,14 +26,20 @@ import torch.distributed as dist
 from zephyr_ray.config import DistillConfig, DPOConfig, DPORecipe, SFTRecipe, TrainingRecipe
 from zephyr_ray.data.packing import collate
 from zephyr_ray.data.tokenize import IGNORE_INDEX
+from zephyr_ray.data.unpaired import pair_layout
 from zephyr_ray.models import DTYPES, load_model
 from zephyr_ray.train.lora import without_adapters
 from zephyr_ray.train.losses import (
     distillation_loss,
+    kto_kl,
+    kto_loss,
+    kto_means,
     label_logits,
+    orpo_loss,
     preference_loss,
     sequence_logps,
     shifted_labels,
+    simpo_loss,
     token_nll_sum,
 )
 
@@ -57,6 +63,16 @@ class Objective(Protocol):
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Summed loss over the batch's units, and summed extra metrics (averaged by the loop)."""
+
+    # Optional: ``summarize(means) -> metrics``, the logged values from the loop's per-unit means (train and
+    # held-out alike); see :func:`summarize`.
+
+
+def summarize(objective: Objective, means: dict[str, float]) -> dict[str, float]:
+    """The metrics to log from a step's (or an evaluation's) per-unit means: the objective's own ``summarize``
+    where it has one (KTO: per-label averages from its sums and counts), else the means themselves."""
+    finish = getattr(objective, "summarize", None)
+    return finish(means) if finish is not None else means
 
 
 def load_frozen(path: str, device: Any, dtype: torch.dtype, attn: str) -> Any:
@@ -152,7 +168,8 @@ def forward_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
 
 @dataclass
 class DPOObjective:
-    """dDPO: the preference loss of the policy's pairs against the reference's log-probs, plus TRL's metrics."""
+    """dDPO on preference pairs, plus TRL's metrics: the preference loss against the reference's log-probs
+    (sigmoid, ipo, hinge), or a reference-free one (simpo, orpo: no reference is loaded or looked up)."""
 
     pad_id: int
     cfg: DPOConfig
@@ -168,8 +185,10 @@ class DPOObjective:
         onto ``device`` (with LoRA, the starting base is the policy with adapters off: no second model)."""
         path, online = cfg.dpo.ref.path or model_path, cfg.dpo.ref.mode == "online"
         ref = None
-        adapter_ref = online and cfg.model.lora.enabled and path == model_path
-        if adapter_ref:
+        adapter_ref = cfg.dpo.needs_reference and online and cfg.model.lora.enabled and path == model_path
+        if not cfg.dpo.needs_reference:
+            path, source = "none", f"loss_type={cfg.dpo.loss_type} scores the policy alone"
+        elif adapter_ref:
             source = "the policy with its LoRA adapters disabled (no second model)"
         elif online:
             ref = load_frozen(path, device, getattr(torch, DTYPES[cfg.train.precision]), cfg.model.attn_implementation)
@@ -186,41 +205,95 @@ class DPOObjective:
     def units(self, batch: dict[str, Any]) -> int:
         return batch["num_pairs"]
 
+    def reference_logps(self, model: Any, batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        """The reference's summed log-probs of the batch's 2B sequences: the policy with adapters off, the
+        worker's frozen copy, or the precomputed columns."""
+        if self.adapter_ref:
+            with without_adapters(model):
+                return forward_logps(model, batch)[0]
+        if self.ref_model is not None:
+            with torch.no_grad():
+                return forward_logps(self.ref_model, batch)[0]
+        missing = [c for c in REF_COLUMNS if c not in batch]
+        if missing:
+            raise RuntimeError(f"loss_type={self.cfg.loss_type} needs the reference pass's columns {missing} "
+                               "(dpo.ref.mode=precompute) or an online reference")
+        return torch.cat([batch[c].to(like.device) for c in REF_COLUMNS])
+
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["num_pairs"]
         logps, counts, logit_sums = forward_logps(model, batch)
-        if self.adapter_ref:
-            with without_adapters(model):
-                ref = forward_logps(model, batch)[0]
-        elif self.ref_model is not None:
-            with torch.no_grad():
-                ref = forward_logps(self.ref_model, batch)[0]
-        else:
-            ref = torch.cat([batch[c].to(logps.device) for c in REF_COLUMNS])
-        ref_chosen, ref_rejected = ref[:n], ref[n:]
         chosen, rejected = logps[:n], logps[n:]
-        losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.cfg.beta,
-                                                       loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing)
+        lengths = counts.clamp(min=1).to(logps.dtype)
+        c = self.cfg
+        if c.loss_type == "simpo":
+            losses, extras = simpo_loss(chosen, rejected, lengths[:n], lengths[n:], beta=c.simpo.beta,
+                                        gamma=c.simpo.gamma)
+        elif c.loss_type == "orpo":
+            losses, extras = orpo_loss(chosen, rejected, lengths[:n], lengths[n:], lambda_=c.orpo.lambda_)
+        else:
+            ref = self.reference_logps(model, batch, logps)
+            losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref[:n], ref[n:], beta=c.beta,
+                                                           loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+            extras = {
+                "rewards/chosen": r_chosen.sum(), "rewards/rejected": r_rejected.sum(),
+                "rewards/accuracies": (r_chosen > r_rejected).float().sum(),
+                "rewards/margins": (r_chosen - r_rejected).sum(),
+                "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
+            }
         loss = losses.sum()
-        if self.cfg.rpo_alpha:
-            loss = loss + self.cfg.rpo_alpha * (-chosen / counts[:n]).sum()  # per-token NLL of the chosen answer
-        mean_logits = logit_sums / counts.clamp(min=1)
-        extras = {
-            "rewards/chosen": r_chosen.sum(), "rewards/rejected": r_rejected.sum(),
-            "rewards/accuracies": (r_chosen > r_rejected).float().sum(), "rewards/margins": (r_chosen - r_rejected).sum(),
-            "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
-            "logits/chosen": mean_logits[:n].sum(), "logits/rejected": mean_logits[n:].sum(),
-        }
+        if c.rpo_alpha:
+            loss = loss + c.rpo_alpha * (-chosen / lengths[:n]).sum()  # per-token NLL of the chosen answer
+        mean_logits = logit_sums / lengths
+        extras.update({"logits/chosen": mean_logits[:n].sum(), "logits/rejected": mean_logits[n:].sum()})
         return loss, extras
+
+
+# kto_loss's summed metrics, which ``KTOObjective.summarize`` turns into TRL's per-label values.
+KTO_SUMS = ("rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "logps/rejected_sum", "count/chosen",
+            "count/rejected", "kl")
+
+
+@dataclass
+class KTOObjective(DPOObjective):
+    """KTO on unpaired rows: ``data.unpaired``'s rows go through the pair collation as ``pair_layout`` lays them
+    out (sequence i: row i's prompt + completion; B + i: its prompt + mismatched KL completion), so the reference
+    comes as for dDPO (precomputed columns, online copy or adapters off). The KL reference point is ``kto_kl`` over
+    every rank's mismatched pairs of the micro-batch (one all-reduce per micro-batch, as TRL gathers), β is
+    ``dpo.beta``; TRL's metric names, chosen = desirable, rejected = undesirable."""
+
+    def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = collate_pairs(pair_layout(batch), self.pad_id, self.packing, self.one_row)
+        out["label"] = torch.as_tensor(np.asarray(batch["label"], dtype=bool))
+        return out
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = batch["num_pairs"]
+        logps = forward_logps(model, batch)[0]
+        ref = self.reference_logps(model, batch, logps)
+        kl = kto_kl(logps[n:], ref[n:], all_ranks=True)
+        losses, extras = kto_loss(logps[:n], ref[:n], batch["label"].to(logps.device), kl, beta=self.cfg.beta,
+                                  desirable_weight=self.cfg.kto.desirable_weight,
+                                  undesirable_weight=self.cfg.kto.undesirable_weight)
+        return losses.sum(), extras
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """``kto_means`` of the summed metrics (per-label rewards and log-probs, their margin, ``kl``), with the
+        loss; the raw sums and counts are left out."""
+        if not all(k in means for k in KTO_SUMS):
+            return means
+        return {**{k: v for k, v in means.items() if k not in KTO_SUMS}, **kto_means(means)}
 
 
 def build_objective(cfg: TrainingRecipe, pad_id: int, one_row: bool, *, model_path: str, device: Any = "cpu"
                     ) -> Objective:
-    """The objective a stage's typed recipe asks for: dSFT (distilling with ``distill.enabled``) or dDPO.
+    """The objective a stage's typed recipe asks for: dSFT (distilling with ``distill.enabled``), dDPO on pairs
+    or KTO (``dpo.loss_type=kto``).
     ``pad_id``: the tokenizer's; ``one_row``: packed micro-batches as one unpadded row; ``model_path``: where the
     policy starts (dDPO's default reference); ``device``: where an online reference goes."""
     if isinstance(cfg, DPORecipe):
-        return DPOObjective.from_config(cfg, pad_id, one_row, model_path=model_path, device=device)
+        kind = KTOObjective if cfg.dpo.loss_type == "kto" else DPOObjective
+        return kind.from_config(cfg, pad_id, one_row, model_path=model_path, device=device)
     if isinstance(cfg, SFTRecipe):
         if cfg.distill.enabled:
             return DistillObjective(pad_id, cfg.distill, one_row=one_row)
