@@ -144,7 +144,9 @@ def _run(tmp_path, name, model, data_file, *overrides):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+# One reference-free loss through the stage (the suite's time budget): ORPO takes the same path (no reference
+# pass, no reference model; the objective tests above) and learns in process in tests/test_losses_more.py.
+@pytest.mark.parametrize("loss", ["simpo"])
 def test_reference_free_stage_runs_without_a_reference_pass_and_learns(loss, ray_cluster, tiny_model, tmp_path):
     pairs = write_jsonl(sample_preferences(16, seed=2), tmp_path / "prefs.jsonl")
     result, metrics = _run(tmp_path / "run", f"dpo_{loss}", tiny_model, pairs)

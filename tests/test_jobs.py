@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,38 +141,8 @@ def _status(job: str, out: str) -> str:
     return ""
 
 
-def test_ray_job_submit_generate(ray_head: Head, tmp_path):
-    out_dir = tmp_path / "gen"
-    assert "RAY_ADDRESS" not in os.environ
-    submit = ray_head.ray(
-        "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--no-wait", "--",
-        "python", "jobs/generate.py", "--config", "configs/tiny/generate.yaml", "prompts.limit=4",
-        "sampling.max_new_tokens=8", f"run.output_dir={out_dir}",
-    )
-    assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout}\n{submit.stderr}"
-    job = _job_id(submit.stdout + submit.stderr)
-
-    deadline, status = time.monotonic() + JOB_TIMEOUT_S, ""
-    while time.monotonic() < deadline:
-        res = ray_head.ray("job", "status", "--log-style=record", "--address", ray_head.dashboard, job, timeout=60)
-        assert res.returncode == 0, f"ray job status failed:\n{res.stdout}\n{res.stderr}"
-        status = _status(job, res.stdout + res.stderr)
-        if status:
-            break
-        time.sleep(2)
-    if status != "SUCCEEDED":
-        logs = ray_head.ray("job", "logs", "--address", ray_head.dashboard, job, timeout=60)
-        pytest.fail(f"job {job} {status or f'not done in {JOB_TIMEOUT_S}s'}; logs:\n{logs.stdout[-6000:]}"
-                    f"\n{logs.stderr[-2000:]}")
-
-    rows = [json.loads(line) for line in (out_dir / "completions.jsonl").read_text().splitlines() if line]
-    assert len(rows) == 4  # 4 prompts x n=1
-    assert len({r["prompt_id"] for r in rows}) == 4
-    for r in rows:
-        assert r["prompt"] and isinstance(r["completion"], str) and r["completion"]
-        assert r["model"] == "tiny-a" and 0 < r["completion_tokens"] <= 8
-    assert "RAY_ADDRESS" not in os.environ
+# One job is enough to cover `ray job submit` / status / logs against a token-auth head: the pipeline's, below
+# (it runs every stage as the job; a stage's own job entrypoint is the same thin wrapper).
 
 
 def test_the_pipeline_job_with_a_relative_runs_dir_writes_under_the_persistent_base(ray_head: Head, tmp_path):
