@@ -244,7 +244,9 @@ def test_kill9_of_a_train_worker_resumes_from_the_newest_complete_checkpoint_sft
     from zephyr_ray.train.sft import run_sft
 
     total, every, keep = 12, 3, 2
+    # ZeRO-3 (parameters sharded across the workers: the hardest state to put back together)
     common = [f"model.path={tiny_model}", "wandb.enabled=false", f"train.max_steps={total}",
+              "deepspeed.config=configs/deepspeed/zero3.json",
               f"train.checkpoint_every={every}", f"train.keep_checkpoints={keep}", "run.max_failures=1"]
     clean = run_sft(load_config(ROOT / "configs/tiny/sft.yaml", [*common, f"run.output_dir={tmp_path / 'clean'}"]))
     cfg = load_config(ROOT / "configs/tiny/sft.yaml", [*common, f"run.output_dir={tmp_path / 'killed'}"])
