@@ -6,6 +6,10 @@ import X`` is the one import path. This package sits low in the layers: it impor
 ``zephyr_ray.sampling`` and ``zephyr_ray.models`` only (omegaconf when a config loads).
 """
 
+from pathlib import Path
+from typing import Any, TypeVar
+
+from zephyr_ray.config import loader
 from zephyr_ray.config.aif import AIFRecipe, JudgeConfig
 from zephyr_ray.config.common import (
     DEFAULT_DATA_PATH,
@@ -42,8 +46,6 @@ from zephyr_ray.config.loader import (
     PROJECT_ROOT,
     ConfigError,
     choice,
-    from_dict,
-    load_config,
     resolve_path,
     to_dict,
     validate,
@@ -75,3 +77,17 @@ __all__ = [
     "TrainConfig", "TrainingRecipe", "WandbConfig", "chained_aif", "chained_eval", "choice", "from_dict",
     "load_config", "resolve_path", "to_dict", "trained_engine", "usable_name", "validate",
 ]
+
+
+T = TypeVar("T")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[T] = SFTRecipe) -> T:
+    """:func:`zephyr_ray.config.loader.load_config` with the dSFT recipe as the default schema."""
+    return loader.load_config(path, overrides, schema)
+
+
+def from_dict(data: dict[str, Any], schema: type[T] = SFTRecipe) -> T:
+    """:func:`zephyr_ray.config.loader.from_dict` with the dSFT recipe as the default schema."""
+    return loader.from_dict(data, schema)

@@ -80,17 +80,10 @@ def validate(obj: Any, prefix: str = "") -> None:
                     validate(item, f"{prefix}{f.name}[{i}].")
 
 
-def _default_schema() -> type:
-    from zephyr_ray.config.sft import SFTRecipe  # the loader sits below the schemas that use it
-
-    return SFTRecipe
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[T] | None = None
-                ) -> T:
-    """Load ``path`` (YAML) over ``schema``'s defaults (an ``SFTRecipe`` when None), apply ``key=value``
-    overrides, :func:`validate`."""
-    schema = schema or _default_schema()
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...], schema: type[T]) -> T:
+    """Load ``path`` (YAML) over ``schema``'s defaults, apply ``key=value`` overrides, :func:`validate`.
+    (``zephyr_ray.config.load_config`` is this with ``SFTRecipe`` as the default schema: the loader sits below
+    the schemas.)"""
     # omegaconf is imported here, not at module level: the dataclasses alone (e.g. for
     # bench/gpu_train_step.py on a bare GPU box) need nothing beyond the standard library.
     from omegaconf import OmegaConf
@@ -132,12 +125,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict[str, Any], schema: type[T] | None = None) -> T:
-    """``to_dict``'s inverse (an ``SFTRecipe`` when ``schema`` is None); not validated again: the dict came from a
-    config that was."""
+def from_dict(data: dict[str, Any], schema: type[T]) -> T:
+    """``to_dict``'s inverse; not validated again: the dict came from a config that was."""
     from omegaconf import OmegaConf
 
-    schema = schema or _default_schema()
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
 
 
