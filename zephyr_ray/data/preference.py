@@ -83,12 +83,8 @@ def preference_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataCon
             longest = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
             problem = RowProblem("prompt", f"{longest} tokens is longer than the length limits "
                                            f"(max_length={cfg.max_length}, max_prompt_length={max_prompt_length})")
-            if cfg.overlong == "error":
-                raise ref.error(problem)
-            if cfg.overlong == "skip":
-                report.skip(ref, problem)
+            if report.overlong(ref, problem, cfg.overlong):
                 continue
-            report.truncated += 1
         report.used += 1
         report.tokens += 2 * len(cut["prompt_ids"]) + len(cut["chosen_ids"]) + len(cut["rejected_ids"])
         report.label_tokens += len(cut["chosen_ids"]) + len(cut["rejected_ids"])

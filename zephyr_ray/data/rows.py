@@ -40,6 +40,17 @@ class DataReport:
         self.skipped[f"{_INDEX.sub('[*]', problem.field)}: {problem.reason}"] += 1
         log.warning("skipping %s: %s", ref, problem)
 
+    def overlong(self, ref: RowRef, problem: RowProblem, policy: str) -> bool:
+        """``data.overlong`` for a row over the length limits: ``error`` raises, ``skip`` counts and logs it
+        (True: drop the row), ``truncate`` counts it (False: keep the cut row)."""
+        if policy == "error":
+            raise ref.error(problem)
+        if policy == "skip":
+            self.skip(ref, problem)
+            return True
+        self.truncated += 1
+        return False
+
     def merge(self, other: DataReport) -> DataReport:
         self.rows += other.rows
         self.used += other.used

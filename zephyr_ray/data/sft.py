@@ -27,13 +27,9 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) ->
         n = len(tok["input_ids"])
         if n > cfg.max_length:
             problem = RowProblem("messages", f"{n} tokens is longer than data.max_length={cfg.max_length}")
-            if cfg.overlong == "error":
-                raise ref.error(problem)
-            if cfg.overlong == "skip":
-                report.skip(ref, problem)
+            if report.overlong(ref, problem, cfg.overlong):
                 continue
             tok = {k: v[: cfg.max_length] for k, v in tok.items()}
-            report.truncated += 1
         trained = sum(1 for t in tok["labels"][1:] if t != IGNORE_INDEX)
         if trained == 0:
             report.skip(ref, RowProblem("messages", "no assistant token within data.max_length"))

@@ -158,12 +158,8 @@ def unpaired_examples(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfi
             problem = RowProblem("completion", f"{len(ids['prompt_ids']) + len(ids['completion_ids'])} tokens is longer "
                                                f"than the length limits (max_length={cfg.max_length}, "
                                                f"max_prompt_length={max_prompt_length})")
-            if cfg.overlong == "error":
-                raise ref.error(problem)
-            if cfg.overlong == "skip":
-                report.skip(ref, problem)
+            if report.overlong(ref, problem, cfg.overlong):
                 continue
-            report.truncated += 1
         report.used += 1
         out.append({**cut, "label": example.desirable, "sample_ids": [f"{ref.source}#{ref.row}"]})
     if cfg.group_by_length:  # neighbours of similar length: little padding, and KL groups of similar length too
