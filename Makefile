@@ -33,7 +33,7 @@ demo-tiny: install
 	$(PY) -m zephyr_ray.cli pipeline --config configs/tiny/pipeline.yaml
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # The inner loop: everything that needs no Ray cluster (pure functions, in-process models), under 3 minutes.
 test-fast: install

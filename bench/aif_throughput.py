@@ -16,12 +16,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import envelope, write_result  # noqa: E402
+from common import envelope, timed_on_local_ray, write_result  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "aif_throughput.json"
 
@@ -39,8 +38,6 @@ def main() -> None:
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
 
-    import ray
-
     from zephyr_ray.config import AIFRecipe, load_config
     from zephyr_ray.feedback.aif import run_aif
 
@@ -48,13 +45,7 @@ def main() -> None:
         cfg = load_config(ROOT / "configs/tiny/aif.yaml", [
             f"run.output_dir={work}/aif", f"prompts.limit={a.prompts}", f"sampling.max_new_tokens={a.max_new_tokens}"],
             AIFRecipe)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            start = time.perf_counter()
-            result = run_aif(cfg)
-            wall = time.perf_counter() - start
-        finally:
-            ray.shutdown()
+        result, wall = timed_on_local_ray(run_aif, cfg)
     report = result.report
     completions = report["judging"]["completions"]
     judge_calls = completions * len(cfg.judges[0].aspects)

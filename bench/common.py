@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -237,7 +238,7 @@ def token_parity(tokens: dict[str, int], allowed: dict[str, int] | None = None) 
     dropping a different remainder; beyond that no ratio may be printed."""
     names = list(tokens)
     if not names:
-        return {"ok": False, "reference": None, "tokens": {}, "differences": {}}
+        return {"ok": False, "reference": None, "tokens": {}, "differences": {}, "allowed": {}, "beyond_allowed": {}}
     ref = tokens[names[0]]
     diff = {n: tokens[n] - ref for n in names}
     allowed = allowed or {}
@@ -362,6 +363,77 @@ def start_local_ray(src: Path) -> tuple[float, str]:
     if not worker_pkg.startswith(str(src)) or not zephyr_ray.__file__.startswith(str(src)):
         raise RuntimeError(f"not running the snapshot: driver {zephyr_ray.__file__}, Ray worker {worker_pkg}")
     return t_ray, worker_pkg
+
+
+def run_ours(run_fn: Callable, cfg, src: Path, out: Path) -> dict:
+    """One of our stages (``run_sft`` / ``run_dpo``) on a fresh local cluster, its ``metrics.jsonl`` tailed so every
+    optimizer step has its wall-clock end. Returns the metrics rows, the step ends and the timers around them."""
+    import ray
+
+    t_ray, worker_pkg = start_local_ray(src)
+    tail = MetricsTail(out / "metrics.jsonl")
+    tail.start()
+    t1 = time.time()
+    run_fn(cfg)
+    t_fit = time.time() - t1
+    arrivals = tail.finish()
+    ray.shutdown()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    return {"metrics": metrics, "ends": [arrivals[m["step"]] for m in metrics], "t_start": t1, "t_fit": t_fit,
+            "ray_init_s": t_ray, "package_in_workers": worker_pkg,
+            "data_report": json.loads((out / "data_report.json").read_text())}
+
+
+def trl_figures(trainer, clock, train_output, t_train: float) -> dict:
+    """What both benches record of a finished TRL run (rank 0's view)."""
+    import torch
+
+    return {"side": "trl", "steps": len(clock.ends), "step_end_unix_list": clock.ends, "train_s": t_train,
+            "train_loss": train_output.training_loss, "threads": torch.get_num_threads(),
+            "processes": trainer.args.world_size, "padding_free": trainer.padding_free}
+
+
+def timed_on_local_ray(run_fn: Callable, cfg) -> tuple[object, float]:
+    """``run_fn(cfg)`` on a fresh 2-CPU local cluster, shut down afterwards: (its result, wall seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        result = run_fn(cfg)
+        return result, time.perf_counter() - start
+    finally:
+        ray.shutdown()
+
+
+def flop_model(model_path: str, lengths: list[int], head_positions: int) -> dict:
+    """Training FLOPs per token of ``model_path`` on sequences of ``lengths`` tokens, ``head_positions`` of which
+    are followed by a trained token: 6 * N_body + 6 * N_head * f + 6 * n_layers * d_model * sum(n_i^2) / sum(n_i)
+    (N_body = parameters outside the input embedding and LM head, which is needed only at the fraction f of
+    positions; the last term is causal attention within each sequence, forward + backward). Both sides of a
+    comparison get the same figure: useful work only, whatever a side computes beyond it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    c = net.config
+    total = sum(p.numel() for p in net.parameters())
+    emb, out_w = net.get_input_embeddings().weight, net.get_output_embeddings().weight
+    head = out_w.numel()
+    body = total - emb.numel() - (0 if out_w is emb else head)  # a tied head (SmolLM2) is counted once in total
+    s_eff = sum(x * x for x in lengths) / sum(lengths)
+    f_head = head_positions / sum(lengths)
+    arch = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size")
+    return {
+        "params_total": total, "params_non_embedding": total - emb.numel(), "params_body": body,
+        "params_head": head, "head_fraction": f_head, "attn_effective_len": s_eff,
+        "flops_per_token": 6 * body + 6 * head * f_head + 6 * c.num_hidden_layers * c.hidden_size * s_eff,
+        "flops_formula": "6*N_body + 6*N_head*f + 6*n_layers*d_model*sum(n_i^2)/sum(n_i); N_body = params outside "
+        "the input embedding and LM head, f = fraction of positions followed by a trained token, n_i = tokens of "
+        "each sequence after truncation",
+        "arch": {k: getattr(c, k, None) for k in arch},
+    }
 
 
 def check_snapshot(src: str) -> None:
@@ -746,6 +818,73 @@ def print_noise_notes(foreign_cores: dict[str, float | None], a: argparse.Namesp
             "note: on a shared 2-core VM single runs vary by +-15% (the host's matmul speed alone does); use "
             "--repeats 3 before drawing conclusions from differences that small"
         )
+
+
+def add_comparison_args(ap: argparse.ArgumentParser, ours: dict, trl: dict, default_ours: str, default_trl: str
+                        ) -> None:
+    """The options both training benches take: the measured window, the model, which configurations run."""
+    ap.add_argument("--steps", type=int, default=None,
+                    help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)")
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
+    ap.add_argument("--max-length", type=int, default=None, help="default 1024 (512 with --model)")
+    ap.add_argument("--model", default=None,
+                    help="a real model both sides train instead of the tiny random one (an embedded name such as "
+                    "smollm2-135m-instruct, a GGUF file or an HF folder; zephyr_ray.gguf_import.resolve)")
+    ap.add_argument("--ours", default=None, help=f"of {list(ours)} (default {default_ours})")
+    ap.add_argument("--trl", default=None, help=f"of {list(trl)} (default {default_trl})")
+
+
+def plan_steps(units: int, global_batch: int, steps: int | None, warmup: int, what: str) -> tuple[int, int, int]:
+    """(measured steps, total steps, epochs) for ``units`` rows or pairs in batches of ``global_batch``; by default
+    the measured window is the rest of one epoch after the warmup steps."""
+    epoch_steps = units // global_batch
+    measured = steps if steps is not None else epoch_steps - warmup
+    if measured < 2:
+        raise SystemExit(f"{units} {what} make {epoch_steps} steps: too few; raise --limit")
+    total = warmup + measured
+    return measured, total, math.ceil(total / epoch_steps)
+
+
+def split_batch(global_batch: int, parts: int, what: str) -> int:
+    """The share of one of ``parts`` workers or processes; the global batch must divide evenly."""
+    if global_batch % parts:
+        raise SystemExit(f"--global-batch {global_batch} is not divisible by {parts} {what}")
+    return global_batch // parts
+
+
+def print_table(columns: list[tuple[str, str, str]], summary: dict[str, dict], specs: list, work: Path) -> None:
+    """``columns`` = (key, header, format) rows of the table printed here and in docs/benchmarks.md."""
+    widths = [max(len(h), 8) + 2 for _, h, _ in columns]
+    print("".join(f"{h:>{w}}" for (_, h, _), w in zip(columns, widths)))
+    for spec, _ in specs:
+        v = summary.get(spec["name"])
+        if v is None:
+            print(f"{spec['name']} FAILED (logs in {work})")
+            continue
+        print("".join(f"{v[k] if not f else fmt(v[k], f):>{w}}" for (k, _, f), w in zip(columns, widths)))
+
+
+def print_headlines(heads: list[dict], parity: dict, value_format: str = ".0f") -> None:
+    if not parity["ok"]:
+        print(f"\nNO RATIO: the configurations trained different tokens beyond what packing explains: "
+              f"{parity['beyond_allowed']} (reference {parity['reference']}, allowed {parity['allowed']})")
+    for h in heads:
+        if h["ratio"] is None:
+            print(f"{h['name']}: no ratio ({h['why_none']})")
+            continue
+        verdict = "" if h["met"] is None else (" MET" if h["met"] else " not met")
+        print(f"{h['name']}: {h['ours_config']} {h['ours_value']:{value_format}} vs {h['peer_config']} "
+              f"{h['peer_value']:{value_format}} {h['unit']} = {h['ratio']:.2f}x "
+              f"(goal {'<=' if h['unit'] == 'MB' else '>='} {h['goal']}x){verdict}")
+
+
+def comparison_record(columns: list, summary: dict[str, dict], specs: list, ours: dict, trl: dict) -> dict:
+    """The parts of a training bench's JSON both benches share: each side's configurations and the table."""
+    return {
+        "configs": {"ours": {s["name"]: ours[s["name"]] for s, _ in specs if s["side"] == "ours"},
+                    "trl": {s["name"]: trl[s["name"]] for s, _ in specs if s["side"] == "trl"}},
+        "table": {"columns": columns, "rows": [summary[s["name"]] for s, _ in specs if s["name"] in summary]},
+    }
 
 
 def add_common_args(ap: argparse.ArgumentParser, default_out: Path) -> None:

@@ -53,6 +53,9 @@ Measured per configuration:
 * peak RSS of the single training process, the figure comparable to TRL's one process: for ours the largest own
   peak RSS of any ``RayTrainWorker`` process (each holds the whole model and its share of the optimizer state); for
   TRL its only process. The reference actor's own peak is reported too.
+* MFU-on-CPU = steady tokens/s x training FLOPs per token / the best fp32 matmul rate measured in this run (before
+  and after the configurations), with the FLOP model of ``sft_throughput.py`` (common.flop_model) over both
+  sequences of every pair; the reference pass is not counted (useful training work only).
 * foreign CPU load and host matmul speed before each run, as in ``sft_throughput.py`` (a shared 2-core machine is
   noisy; ``--repeats N`` interleaves N rounds and keeps each configuration's best steady-state run).
 
@@ -73,7 +76,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -84,29 +86,36 @@ from common import (
     ROOT,
     SHARED_DATA_DIR,
     TRL_COMMON_ARGS,
-    MetricsTail,
     add_common_args,
+    add_comparison_args,
     bench_name,
     best_per_config,
     check_snapshot,
+    comparison_record,
     deltas,
     fastest,
     finish_session,
+    flop_model,
     fmt,
     headline,
     matmul_flops,
     memory_goal,
     names_in,
+    plan_steps,
     print_failures,
+    print_headlines,
     print_noise_notes,
+    print_table,
     read_jsonl,
+    run_ours,
     run_rounds,
     side_main,
-    start_local_ray,
+    split_batch,
     start_session,
     steady_state,
     step_clock,
     token_parity,
+    trl_figures,
 )
 
 SHARED_DATA = SHARED_DATA_DIR / "gpt4_preferences.jsonl"
@@ -189,23 +198,13 @@ def side_ours(spec: dict) -> dict:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    import ray
-
     from zephyr_ray.config import DPORecipe, load_config
     from zephyr_ray.train.dpo import run_dpo
 
     src, out = Path(spec["src"]), Path(spec["output_dir"])
     cfg = load_config(src / "configs" / "tiny" / "dpo.yaml", ours_overrides(spec), DPORecipe)
-    t_ray, worker_pkg = start_local_ray(src)
-    tail = MetricsTail(out / "metrics.jsonl")
-    tail.start()
-    t1 = time.time()
-    run_dpo(cfg)
-    t_fit = time.time() - t1
-    arrivals = tail.finish()
-    ray.shutdown()
-    metrics = read_jsonl(out / "metrics.jsonl")
-    ends = [arrivals[m["step"]] for m in metrics]
+    run = run_ours(run_dpo, cfg, src, out)
+    metrics, ends, t1, t_fit = run["metrics"], run["ends"], run["t_start"], run["t_fit"]
     pairs = deltas([m["samples"] for m in metrics])  # cumulative, global: one sample id per pair
     tokens = deltas([m["tokens"] for m in metrics])  # non-padding tokens of both sequences of every pair
     w = spec["warmup"]
@@ -231,10 +230,10 @@ def side_ours(spec: dict) -> dict:
         "precompute_end_to_first_step_s": ends[0] - ref_end,
         "after_last_step_s": t1 + t_fit - ends[-1],
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
-        "ray_init_s": t_ray,
+        "ray_init_s": run["ray_init_s"],
         "run_dpo_s": t_fit,
-        "data_report": json.loads((out / "data_report.json").read_text()),
-        "package_in_workers": worker_pkg,
+        "data_report": run["data_report"],
+        "package_in_workers": run["package_in_workers"],
     }
 
 
@@ -324,21 +323,14 @@ def side_trl(spec: dict) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     return {
-        "side": "trl",
-        "steps": len(clock.ends),
+        **trl_figures(trainer, clock, out, t_train),
         "pairs_per_step_list": pairs,
         "tokens_per_step_list": tokens,
-        "step_end_unix_list": clock.ends,
         "steady": steady_state(clock.ends, {"pairs": pairs, "tokens": tokens}, spec["warmup"]),
         "precompute_s": window[1] - window[0] if window else 0.0,
         "phases": {**({"precompute": window} if window else {}), "train": [t1, clock.ends[-1]]},
         "init_s": t_init,
-        "train_s": t_train,
-        "train_loss": out.training_loss,
-        "threads": torch.get_num_threads(),
-        "processes": trainer.args.world_size,
         "holds_ref_model": trainer.ref_model is not None,
-        "padding_free": trainer.padding_free,
     }
 
 
@@ -373,6 +365,10 @@ def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_
     Dataset.from_list([{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
                        for r in ids]).save_to_disk(str(ids_path.with_suffix(".grouped")))
     longest = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    # both sequences of every pair; the LM head is needed where a completion token follows
+    flops = flop_model(model_path, [len(e["prompt_ids"]) + len(e[k]) for e in examples for k in ("chosen_ids",
+                                                                                                 "rejected_ids")],
+                       sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples))
     return {
         "model": model or "tiny random Mistral (build_tiny, seed 0)",
         "model_path": model_path,
@@ -387,6 +383,7 @@ def prepare(work: Path, data_src: Path, limit: int, max_length: int, max_prompt_
         "label_tokens": report.label_tokens,
         "tokens_per_pair": report.tokens / max(report.used, 1),
         "longest_sequence_median": statistics.median(longest) if longest else 0,
+        **flops,
     }
 
 
@@ -399,20 +396,17 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
     specs = []
     for name in names_in(a.ours, OURS_CONFIGS):
         oc = OURS_CONFIGS[name]
-        if a.global_batch % oc["num_workers"]:
-            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
+        per_worker = split_batch(a.global_batch, oc["num_workers"], "workers")
         spec = {"side": "ours", "name": name, **shared, "data_path": prep["data_path"],
                 "trainer_label": "ray::RayTrainWorker",
-                "micro_batch_size": a.global_batch // oc["num_workers"], "num_workers": oc["num_workers"],
+                "micro_batch_size": per_worker, "num_workers": oc["num_workers"],
                 "cpus_per_worker": oc["cpus_per_worker"], "epochs": epochs, "output_dir": str(work / name),
                 "overrides": oc.get("overrides", [])}
         specs.append((spec, oc["env"]))
     for name in names_in(a.trl, TRL_CONFIGS):
         tc = TRL_CONFIGS[name]
         nproc = tc.get("nproc", 1)
-        if a.global_batch % nproc:
-            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {nproc} processes")
-        per_rank = a.global_batch // nproc
+        per_rank = split_batch(a.global_batch, nproc, "processes")
         micro = tc.get("micro_batch", per_rank)
         spec = {"side": "trl", "name": name, **shared, **tc, "ids_path": prep["ids_path"],
                 "per_device": micro, "gas": per_rank // micro, "output_dir": str(work / name)}
@@ -444,7 +438,8 @@ def describe(r: dict, pairs: int) -> str:
             f"{fmt(m['train_sum_rss_mb'])} MB training processes ({m['train_processes']})")
 
 
-def summarize(best: dict[str, dict], runs: list[dict], pairs: int) -> dict[str, dict]:
+def summarize(best: dict[str, dict], runs: list[dict], pairs: int, peak_flops: float, flops_per_token: float
+              ) -> dict[str, dict]:
     """The figures of each configuration's best run (by steady pairs/s), for the table and the JSON."""
     out = {}
     for name, r in best.items():
@@ -453,6 +448,7 @@ def summarize(best: dict[str, dict], runs: list[dict], pairs: int) -> dict[str, 
             "side": r["side"],
             "steady_pairs_per_s": steady_pairs_per_s(r),
             "steady_tokens_per_s": r["steady"]["tokens_per_s"],
+            "mfu_cpu": r["steady"]["tokens_per_s"] * flops_per_token / peak_flops,
             "step_time_s": r["steady"]["step_time_s"],
             "precompute_s": r["precompute_s"],
             **epoch_figures(r, pairs),
@@ -470,23 +466,13 @@ def summarize(best: dict[str, dict], runs: list[dict], pairs: int) -> dict[str, 
 
 COLUMNS = [  # (key, header, format) of the table printed here and in docs/benchmarks.md
     ("name", "config", ""), ("steady_pairs_per_s", "pairs/s", ".2f"), ("steady_tokens_per_s", "tok/s", ".0f"),
+    ("mfu_cpu", "MFU (CPU)", ".3%"),
     ("precompute_s", "ref pass s", ".1f"), ("total_pairs_per_s", "pairs/s incl. ref", ".2f"),
     ("tokens_trained", "tokens trained", ".0f"), ("train_processes", "train procs", ".0f"),
     ("largest_train_rss_mb", "largest proc RSS MB", ".0f"), ("train_sum_rss_mb", "train procs RSS MB", ".0f"),
     ("train_sum_pss_mb", "train procs PSS MB", ".0f"), ("tree_rss_mb", "tree RSS MB", ".0f"),
     ("tree_pss_mb", "tree PSS MB", ".0f"), ("foreign_cpu_cores_in_window", "other cores", ".2f"),
 ]
-
-
-def print_table(summary: dict[str, dict], specs: list, work: Path) -> None:
-    widths = [max(len(h), 8) + 2 for _, h, _ in COLUMNS]
-    print("".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
-    for spec, _ in specs:
-        v = summary.get(spec["name"])
-        if v is None:
-            print(f"{spec['name']} FAILED (logs in {work})")
-            continue
-        print("".join(f"{v[k] if not f else fmt(v[k], f):>{w}}" for (k, _, f), w in zip(COLUMNS, widths)))
 
 
 def headlines(summary: dict[str, dict], parity: dict) -> list[dict]:
@@ -506,39 +492,18 @@ def headlines(summary: dict[str, dict], parity: dict) -> list[dict]:
     return out
 
 
-def print_headlines(heads: list[dict], parity: dict) -> None:
-    if not parity["ok"]:
-        print(f"\nNO RATIO: the configurations trained different tokens: {parity['differences']} "
-              f"(reference {parity['reference']})")
-    for h in heads:
-        if h["ratio"] is None:
-            print(f"{h['name']}: no ratio ({h['why_none']})")
-        else:
-            verdict = "" if h["met"] is None else (" MET" if h["met"] else " not met")
-            print(f"{h['name']}: {h['ours_config']} {h['ours_value']:.2f} vs {h['peer_config']} {h['peer_value']:.2f} "
-                  f"{h['unit']} = {h['ratio']:.2f}x (goal {'<=' if h['unit'] == 'MB' else '>='} {h['goal']}x){verdict}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=None,
-                    help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)")
+    add_comparison_args(ap, OURS_CONFIGS, TRL_CONFIGS, DEFAULT_OURS, DEFAULT_TRL)
     ap.add_argument("--limit", type=int, default=None, help="first N pairs of the data (0 = all; default 512, "
                     f"{REAL_LIMIT} with --model)")
-    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
-    ap.add_argument("--max-length", type=int, default=None, help="default 1024 (512 with --model)")
     ap.add_argument("--max-prompt-length", type=int, default=None, help="default 512 (256 with --model)")
     ap.add_argument("--global-batch", type=int, default=None,
                     help="pairs per optimizer step (both sides); default 16 (4 with --model: 2 per micro-batch)")
     ap.add_argument("--ref-batch", type=int, default=32,
                     help="pairs per reference forward in the precompute pass (ours' dpo.ref.batch_size, TRL's "
                     "precompute_ref_batch_size; 32 = configs/tiny/dpo.yaml)")
-    ap.add_argument("--model", default=None,
-                    help="a real model both sides train instead of the tiny random one (an embedded name such as "
-                    "smollm2-135m-instruct, a GGUF file or an HF folder; zephyr_ray.gguf_import.resolve)")
     ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
-    ap.add_argument("--ours", default=None, help=f"of {list(OURS_CONFIGS)} (default {DEFAULT_OURS})")
-    ap.add_argument("--trl", default=None, help=f"of {list(TRL_CONFIGS)} (default {DEFAULT_TRL})")
     add_common_args(ap, DEFAULT_OUT)
     a = ap.parse_args()
     if a._side:
@@ -569,11 +534,7 @@ def main() -> None:
     if pairs % a.global_batch:
         raise SystemExit(f"{pairs} pairs do not make full batches of {a.global_batch}; change --limit")
     epoch_steps = pairs // a.global_batch
-    steps = a.steps if a.steps is not None else epoch_steps - a.warmup
-    if steps < 2:
-        raise SystemExit(f"{pairs} pairs make {epoch_steps} steps: too few; raise --limit")
-    total_steps = a.warmup + steps
-    epochs = math.ceil(total_steps / epoch_steps)
+    steps, total_steps, epochs = plan_steps(pairs, a.global_batch, a.steps, a.warmup, "pairs")
     a.steps = steps
     mm_before = matmul_flops()
     print(f"[bench] {pairs} pairs ({prep['truncated_pairs']} truncated), {prep['tokens_per_pair']:.0f} tokens/pair; "
@@ -583,7 +544,8 @@ def main() -> None:
     runs = run_rounds(Path(__file__).resolve(), specs, session.work, a, lambda r: describe(r, pairs))
     mm_after = matmul_flops()
     best = best_per_config(runs, [s["name"] for s, _ in specs], steady_pairs_per_s)
-    summary = summarize(best, runs, pairs)
+    peak = max(mm_before["best_flops"], mm_after["best_flops"])  # MFU against the matmul rate of this run
+    summary = summarize(best, runs, pairs, peak, prep["flops_per_token"])
     # Every configuration trains every pair once per epoch, both sequences unpadded-counted: no difference allowed.
     parity = token_parity({k: v["tokens_trained"] for k, v in summary.items()})
     heads = headlines(summary, parity)
@@ -591,23 +553,21 @@ def main() -> None:
           f"{prep['truncated_pairs']} truncated, {prep['tokens_per_pair']:.0f} tokens/pair), max_length "
           f"{a.max_length} / max_prompt_length {a.max_prompt_length}, {a.global_batch} pairs/step, fp32; steady "
           f"state = steps {a.warmup + 1}..{total_steps}" + (f"; best of {a.repeats} runs" if a.repeats > 1 else ""))
-    print_table(summary, specs, session.work)
-    print_headlines(heads, parity)
+    print_table(COLUMNS, summary, specs, session.work)
+    print_headlines(heads, parity, ".2f")
     print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
     print_failures(runs)
     finish_session(session, {
-        "matmul": {"before": mm_before, "after": mm_after},
+        "matmul": {"before": mm_before, "after": mm_after, "peak_flops": peak},
         "config": {
             "model": prep["model"], "steps": steps, "warmup": a.warmup, "epochs": epochs, "limit": a.limit,
             "max_length": a.max_length, "max_prompt_length": a.max_prompt_length, "global_batch_pairs": a.global_batch,
             "ref_batch_pairs": a.ref_batch, "repeats": a.repeats, "precision": "fp32", "beta": BETA, "lr": LR,
             "loss": "sigmoid", "tokens": "identical on both sides (zephyr_ray.data.preference.preference_examples)",
-            "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
-            "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
         },
+        **comparison_record(COLUMNS, summary, specs, OURS_CONFIGS, TRL_CONFIGS),
         "data": prep,
         "parity": parity,
-        "table": {"columns": COLUMNS, "rows": [summary[s["name"]] for s, _ in specs if s["name"] in summary]},
         "headline": heads,
         "summary": summary,
         "runs": runs,

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mt_bench"
-from common import envelope, write_result  # noqa: E402
+from common import envelope, timed_on_local_ray, write_result  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "mt_bench"
 DEFAULT_OUT = ROOT / "bench" / "results" / "eval_mt_bench.json"
@@ -68,8 +68,6 @@ def main() -> None:
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
 
-    import ray
-
     from zephyr_ray.config import EvalRecipe, load_config
     from zephyr_ray.eval.run import run_eval
 
@@ -82,13 +80,7 @@ def main() -> None:
             f"judge.sampling.max_new_tokens={a.judge_max_new_tokens}", f"judge.max_attempts={a.max_attempts}", *a.set],
             EvalRecipe)
         cfg = dataclasses.replace(cfg, models=cfg.models[:a.models])
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            start = time.perf_counter()
-            result = run_eval(cfg)
-            wall = time.perf_counter() - start
-        finally:
-            ray.shutdown()
+        result, wall = timed_on_local_ray(run_eval, cfg)
     res = result.results
     phases = res["timings"]
     judging = res["judging"]

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -70,29 +69,35 @@ from common import (
     ROOT,
     SHARED_DATA_DIR,
     TRL_COMMON_ARGS,
-    MetricsTail,
     add_common_args,
+    add_comparison_args,
     bench_name,
     best_per_config,
     check_snapshot,
+    comparison_record,
     deltas,
     fastest,
     finish_session,
-    fmt,
+    flop_model,
     headline,
     matmul_flops,
     memory_goal,
     names_in,
+    plan_steps,
     print_failures,
+    print_headlines,
     print_noise_notes,
+    print_table,
     read_jsonl,
+    run_ours,
     run_rounds,
     side_main,
-    start_local_ray,
+    split_batch,
     start_session,
     steady_state,
     step_clock,
     token_parity,
+    trl_figures,
 )
 
 from zephyr_ray.models import TINY_FAMILY_NAMES, load_model
@@ -144,8 +149,6 @@ def side_ours(spec: dict) -> dict:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    import ray
-
     from zephyr_ray.config import SFTRecipe, load_config
     from zephyr_ray.train.sft import run_sft
 
@@ -170,20 +173,11 @@ def side_ours(spec: dict) -> dict:
     src = Path(spec["src"])
     overrides.append(f"deepspeed.config={src / 'configs' / 'deepspeed' / spec['deepspeed']}")
     cfg = load_config(src / "configs" / "tiny" / "sft.yaml", overrides, SFTRecipe)
-    t_ray, worker_pkg = start_local_ray(src)
-    tail = MetricsTail(out / "metrics.jsonl")
-    tail.start()
-    t1 = time.time()
-    run_sft(cfg)
-    t_fit = time.time() - t1
-    arrivals = tail.finish()
-    ray.shutdown()
-    metrics = read_jsonl(out / "metrics.jsonl")
+    run = run_ours(run_sft, cfg, src, out)
+    metrics, ends = run["metrics"], run["ends"]
     tokens = deltas([m["tokens"] for m in metrics])  # "tokens" is cumulative, global (all workers)
-    ends = [arrivals[m["step"]] for m in metrics]
     w = spec["warmup"]
     timer = metrics[w:]
-    report = json.loads((out / "data_report.json").read_text())
     return {
         "side": "ours",
         "steps": len(metrics),
@@ -194,11 +188,11 @@ def side_ours(spec: dict) -> dict:
         "steady": steady_state(ends, {"tokens": tokens}, w),
         "loop_timer_tokens_per_s": sum(tokens[w:]) / sum(m["step_time_s"] for m in timer),
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
-        "packed_rows": report["packed_rows"],
-        "ray_init_s": t_ray,
-        "run_sft_s": t_fit,
-        "data_report": report,
-        "package_in_workers": worker_pkg,
+        "packed_rows": run["data_report"]["packed_rows"],
+        "ray_init_s": run["ray_init_s"],
+        "run_sft_s": run["t_fit"],
+        "data_report": run["data_report"],
+        "package_in_workers": run["package_in_workers"],
     }
 
 
@@ -207,7 +201,6 @@ def side_ours(spec: dict) -> dict:
 
 
 def side_trl(spec: dict) -> dict | None:
-    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -248,19 +241,12 @@ def side_trl(spec: dict) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     return {
-        "side": "trl",
-        "steps": len(clock.ends),
+        **trl_figures(trainer, clock, out, t_train),
         "tokens_per_step_list": tokens,
-        "step_end_unix_list": clock.ends,
         "step_gap_s_list": [b - a for a, b in zip(clock.ends, clock.ends[1:])],
         "steady": steady_state(clock.ends, {"tokens": tokens}, w),
-        "train_s": t_train,
-        "train_loss": out.training_loss,
-        "threads": torch.get_num_threads(),
-        "processes": trainer.args.world_size,
         "packed_rows": len(packed),
         "packed_tokens": packed_tokens,
-        "padding_free": trainer.padding_free,
     }
 
 
@@ -272,9 +258,6 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
             model: str | None = None) -> dict:
     """The shared model directory (a tiny random model of ``arch``, or ``model`` resolved to an HF folder), the
     shared data file (``messages`` only) and the FLOP model of both."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from zephyr_ray.data.packing import best_fit_decreasing
     from zephyr_ray.data.tokenize import tokenize_messages
     from zephyr_ray.gguf_import import resolve
@@ -292,15 +275,7 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         labels = enc["labels"][:max_length]
         lengths.append(len(labels))
         head_positions += sum(1 for t in labels[1:] if t != -100)  # positions followed by a trained token
-    net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    c = net.config
-    total = sum(p.numel() for p in net.parameters())
-    emb, out_w = net.get_input_embeddings().weight, net.get_output_embeddings().weight
-    head = out_w.numel()
-    body = total - emb.numel() - (0 if out_w is emb else head)  # a tied head (SmolLM2) is counted once in total
-    s_eff = sum(x * x for x in lengths) / sum(lengths)
-    f_head = head_positions / sum(lengths)
-    flops_per_token = 6 * body + 6 * head * f_head + 6 * c.num_hidden_layers * c.hidden_size * s_eff
+    flops = flop_model(model_path, lengths, head_positions)
     bins = best_fit_decreasing(lengths, max_length)  # what both sides' BFD makes of these dialogues
     return {
         "packed_rows": len(bins),
@@ -311,29 +286,9 @@ def prepare(work: Path, data_src: Path, max_length: int, limit: int, arch: str =
         "rows": len(rows),
         "tokens_after_truncation": sum(lengths),
         "truncated_rows": sum(1 for x in lengths if x == max_length),
-        "params_total": total,
-        "params_non_embedding": total - net.get_input_embeddings().weight.numel(),
-        "params_body": body,
-        "params_head": head,
-        "head_fraction": f_head,
-        "attn_effective_len": s_eff,
-        "flops_per_token": flops_per_token,
-        "flops_formula": "6*N_body + 6*N_head*f + 6*n_layers*d_model*sum(n_i^2)/sum(n_i); N_body = params outside "
-        "the input embedding and LM head, f = fraction of tokens followed by a trained (assistant) "
-        "token, n_i = tokens of each dialogue after truncation to max_length",
+        **flops,
         "family": arch,
         "model": model or f"tiny random {arch} (build_tiny, seed 0)",
-        "arch": {
-            k: getattr(c, k, None)
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "vocab_size",
-            )
-        },
     }
 
 
@@ -345,9 +300,7 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
     specs = []
     for name in names_in(a.ours, OURS_CONFIGS):
         oc = OURS_CONFIGS[name]
-        if a.global_batch % oc["num_workers"]:
-            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {oc['num_workers']} workers")
-        per_worker = a.global_batch // oc["num_workers"]
+        per_worker = split_batch(a.global_batch, oc["num_workers"], "workers")
         micro = oc.get("micro_batch", per_worker)
         if per_worker % micro:
             raise SystemExit(f"{name}: {per_worker} rows per worker do not split into micro-batches of {micro}")
@@ -359,9 +312,7 @@ def build_specs(a: argparse.Namespace, src: Path, prep: dict, work: Path, total_
     for name in names_in(a.trl, TRL_CONFIGS):
         tc = TRL_CONFIGS[name]
         nproc = tc.get("nproc", 1)
-        if a.global_batch % nproc:
-            raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {nproc} processes")
-        sizes = {"global": a.global_batch, "rank": a.global_batch // nproc}
+        sizes = {"global": a.global_batch, "rank": split_batch(a.global_batch, nproc, "processes")}
         per, gas = sizes.get(tc["per_device"], tc["per_device"]), sizes.get(tc["gas"], tc["gas"])
         # one thread per process when data-parallel (as ours: Ray gives each worker OMP_NUM_THREADS=1)
         specs.append(({"side": "trl", "name": name, **common, "per_device": per, "gas": gas, "nproc": nproc,
@@ -432,48 +383,16 @@ def headlines(summary: dict[str, dict], parity: dict) -> list[dict]:
     return out
 
 
-def print_table(summary: dict[str, dict], specs: list, work: Path) -> None:
-    widths = [max(len(h), 8) + 2 for _, h, _ in COLUMNS]
-    print("".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
-    for spec, _ in specs:
-        v = summary.get(spec["name"])
-        if v is None:
-            print(f"{spec['name']} FAILED (logs in {work})")
-            continue
-        print("".join(f"{v[k] if not f else fmt(v[k], f):>{w}}" for (k, _, f), w in zip(COLUMNS, widths)))
-
-
-def print_headlines(heads: list[dict], parity: dict) -> None:
-    if not parity["ok"]:
-        print(f"\nNO RATIO: the configurations trained different tokens beyond packing differences: "
-              f"{parity['beyond_allowed']} (reference {parity['reference']}, allowed {parity['allowed']})")
-    for h in heads:
-        if h["ratio"] is None:
-            print(f"{h['name']}: no ratio ({h['why_none']})")
-        else:
-            verdict = "" if h["met"] is None else (" MET" if h["met"] else " not met")
-            print(f"{h['name']}: {h['ours_config']} {h['ours_value']:.0f} vs {h['peer_config']} {h['peer_value']:.0f} "
-                  f"{h['unit']} = {h['ratio']:.2f}x (goal {'<=' if h['unit'] == 'MB' else '>='} {h['goal']}x){verdict}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=None,
-                    help="measured optimizer steps per run (default: the rest of one epoch after the warmup steps)")
+    add_comparison_args(ap, OURS_CONFIGS, TRL_CONFIGS, DEFAULT_OURS, DEFAULT_TRL)
     ap.add_argument("--limit", type=int, default=None,
                     help="first N dialogues of the data (default 256 = the tiny recipe's data.pack_window, so both "
                     f"sides pack the same rows; {REAL_LIMIT} with --model; 0 = all)")
-    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the measurement")
-    ap.add_argument("--max-length", type=int, default=None, help="default 1024 (512 with --model)")
     ap.add_argument("--global-batch", type=int, default=4, help="packed rows per optimizer step (both sides)")
     ap.add_argument("--data", type=Path, default=None, help=f"default: {SHARED_DATA} if present, else {SAMPLE_DATA}")
     ap.add_argument("--arch", default="mistral", choices=TINY_FAMILY_NAMES,
                     help="family of the tiny model both sides train (same parameter budget for every family)")
-    ap.add_argument("--model", default=None,
-                    help="a real model both sides train instead of the tiny one (an embedded name such as "
-                    "smollm2-135m-instruct, a GGUF file or an HF folder; zephyr_ray.gguf_import.resolve)")
-    ap.add_argument("--ours", default=None, help=f"of {list(OURS_CONFIGS)} (default {DEFAULT_OURS})")
-    ap.add_argument("--trl", default=None, help=f"of {list(TRL_CONFIGS)} (default {DEFAULT_TRL})")
     add_common_args(ap, DEFAULT_OUT)
     a = ap.parse_args()
     if a._side:
@@ -501,14 +420,9 @@ def main() -> None:
     prep = prepare(session.work, data_src, a.max_length, a.limit, a.arch, a.model)
     # Packed rows come out of best-fit decreasing fullest first (long single dialogues, then packed short ones),
     # so a window shorter than an epoch sees an unrepresentative mix; by default the window is the whole epoch.
-    epoch_steps = prep["packed_rows"] // a.global_batch
-    steps = a.steps if a.steps is not None else epoch_steps - a.warmup
-    if steps < 2:
-        raise SystemExit(f"{prep['packed_rows']} packed rows make {epoch_steps} steps: too few; raise --limit")
-    total_steps = a.warmup + steps
-    epochs = math.ceil(total_steps / epoch_steps)
+    steps, total_steps, epochs = plan_steps(prep["packed_rows"], a.global_batch, a.steps, a.warmup, "packed rows")
     if epochs > 1:
-        print(f"[bench] note: {total_steps} steps span {epochs} epochs of {epoch_steps}; ours re-runs its Ray Data "
+        print(f"[bench] note: {total_steps} steps span {epochs} epochs; ours re-runs its Ray Data "
               "pipeline at each epoch start", flush=True)
     a.steps = steps
     mm_before = matmul_flops()
@@ -528,7 +442,7 @@ def main() -> None:
           f"({prep['rows']} dialogues, {prep['packed_rows']} packed rows); steady state = steps "
           f"{a.warmup + 1}..{total_steps}; matmul {peak / 1e9:.1f} GFLOP/s; FLOPs/token "
           f"{prep['flops_per_token'] / 1e6:.2f} M" + (f"; best of {a.repeats} runs" if a.repeats > 1 else ""))
-    print_table(summary, specs, session.work)
+    print_table(COLUMNS, summary, specs, session.work)
     print_headlines(heads, parity)
     print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
     print_failures(runs)
@@ -540,12 +454,10 @@ def main() -> None:
             "epochs_cap": epochs, "precision": "fp32",
             "packing": "best-fit decreasing, position_ids, no attention mask (both sides)",
             "loss": "assistant tokens only (both sides)",
-            "ours_configs": {s["name"]: OURS_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "ours"},
-            "trl_configs": {s["name"]: TRL_CONFIGS[s["name"]] for s, _ in specs if s["side"] == "trl"},
         },
+        **comparison_record(COLUMNS, summary, specs, OURS_CONFIGS, TRL_CONFIGS),
         "model_and_data": prep,
         "parity": parity,
-        "table": {"columns": COLUMNS, "rows": [summary[s["name"]] for s, _ in specs if s["name"] in summary]},
         "headline": heads,
         "summary": summary,
         "runs": runs,

@@ -145,8 +145,10 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
                                                                                    pairs_file, tmp_path):
     from zephyr_ray.train.dpo import run_dpo
 
-    held = sample_preferences(8, seed=9)  # held-out pairs, evaluated every 36 // 10 = 3 steps and at the last
-    common = [f"data.path={pairs_file}", "train.epochs=6", "train.micro_batch_size=4", "train.checkpoint_every=4",
+    held = sample_preferences(8, seed=9)  # held-out pairs, evaluated every 4 steps (and at the last)
+    # 4 epochs of 6 steps; checkpoints at 8, 16 and the last (each costs a save: the suite's time budget)
+    common = [f"data.path={pairs_file}", "train.epochs=4", "train.micro_batch_size=4", "train.checkpoint_every=8",
+              "train.eval_every=4",
               "train.lr=1e-3", "data.shuffle=false", f"data.eval_path={write_jsonl(held, tmp_path / 'held.jsonl')}"]
     # a: the config's padding-free layout (a micro-batch's pairs in one row); b: two padded rows per pair.
     # Same numbers either way.
@@ -156,7 +158,7 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
                      "dpo.ref.mode=online", "train.inject_failure_at_step=10", "run.max_failures=1",
                      "data.packing=false"))
     ma, mb = read_metrics(a.output_dir), read_metrics(b.output_dir)
-    assert len(ma) == len(mb) == json.loads((a.output_dir / "data_report.json").read_text())["total_steps"] == 36
+    assert len(ma) == len(mb) == json.loads((a.output_dir / "data_report.json").read_text())["total_steps"] == 24
     keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "logits/chosen", "logits/rejected"]
     assert set(keys) <= set(ma[0])
@@ -172,10 +174,10 @@ def test_zero2_precompute_learns_preferences_and_zero3_online_resumes_identicall
     for k in keys:
         assert [m[k] for m in ma] == pytest.approx([m[k] for m in mb], abs=2e-4), k
     assert (a.output_dir / "ref_logps" / "_SUCCESS").exists() and not (b.output_dir / "ref_logps").exists()
-    # Held-out pairs: TRL's eval metrics at exactly steps 3, 6, ..., 36, the same across layouts, reference modes
+    # Held-out pairs: TRL's eval metrics at exactly steps 4, 8, ..., 24, the same across layouts, reference modes
     # and the restart; the reference log-probs of a's came from their own actor pass.
     for m in (ma, mb):
-        assert [r["step"] for r in m if "eval_loss" in r] == list(range(3, 37, 3))
+        assert [r["step"] for r in m if "eval_loss" in r] == list(range(4, 25, 4))
         assert all(set(EVAL_KEYS) <= set(r) for r in m if "eval_loss" in r)
         assert all(0 <= r["eval_rewards/accuracies"] <= 1 for r in m if "eval_loss" in r)
     evals_a, evals_b = ([r for r in m if "eval_loss" in r] for m in (ma, mb))
