@@ -513,6 +513,7 @@ class TreeSampler(threading.Thread):
         self.peak_rss, self.peak_pss, self.peak_procs = 0, 0, 0
         self.peak_breakdown: list[tuple[str, int]] = []
         self.peak_rss_by_pid: dict[int, int] = {}
+        self.peak_group_rss: dict[str, int] = {}  # per group (TreeSampler.group), the peak of its per-sample sum
         self.peak_pss_by_pid: dict[int, int] = {}
         self.rss_series: list[tuple[float, int]] = []  # (unix time, summed RSS)
         self.cpu_by_pid: dict[int, float] = {}
@@ -532,6 +533,16 @@ class TreeSampler(threading.Thread):
             if base.endswith(".py") or base in ("raylet", "gcs_server"):
                 return base
         return p.name()
+
+    @staticmethod
+    def group(label: str, root: bool, trainer: bool) -> str:
+        """driver (the side's own process), train (training processes), ray_workers (Ray Data tasks, actors),
+        ray_daemons (GCS, raylet, dashboard, ...)."""
+        if root:
+            return "driver"
+        if trainer:
+            return "train"
+        return "ray_workers" if label.startswith("ray::") else "ray_daemons"
 
     def _relabel(self, p) -> None:
         old = self.labels.get(p.pid, "")
@@ -555,6 +566,7 @@ class TreeSampler(threading.Thread):
             total, parts = 0, []
             want_pss = time.time() - last_pss >= self.pss_period
             pss, train_rss, train_pss = 0, 0, 0
+            group_rss: dict[str, int] = {}
             for p in procs:
                 try:
                     rss = p.memory_info().rss
@@ -572,8 +584,12 @@ class TreeSampler(threading.Thread):
                 total += rss
                 train_rss += rss if trainer else 0
                 parts.append((self.labels.get(p.pid, "?"), rss))
+                g = self.group(self.labels.get(p.pid, "?"), p.pid == self.root.pid, trainer)
+                group_rss[g] = group_rss.get(g, 0) + rss
                 self.peak_rss_by_pid[p.pid] = max(self.peak_rss_by_pid.get(p.pid, 0), rss)
             self.peak_train_rss = max(self.peak_train_rss, train_rss)
+            for g, rss in group_rss.items():
+                self.peak_group_rss[g] = max(self.peak_group_rss.get(g, 0), rss)
             if want_pss:
                 last_pss = time.time()
                 self.peak_pss = max(self.peak_pss, pss)
@@ -730,6 +746,7 @@ def run_side(script: Path, spec: dict, work: Path, env_extra: dict[str, str], ti
         "peak_rss_processes": sampler.peak_procs,
         "peak_rss_top": [{"process": n, "rss_mb": round(r / MB, 1)} for n, r in sampler.peak_breakdown[:8]],
         "peak_rss_by_process": sampler.processes(),
+        "peak_group_rss_mb": {g: round(v / MB, 1) for g, v in sampler.peak_group_rss.items()},
         "memory": sampler.memory(),
         "foreign_cpu_cores_in_window": sampler.foreign_cores(start, end),
         "own_cpu_cores_in_window": sampler.tree_cores(start, end),

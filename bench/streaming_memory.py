@@ -8,9 +8,13 @@ stream is never pulled: Ray Data's backpressure). dDPO uses ``dpo.ref.mode=onlin
 the precompute pass writes a Parquet file over every pair, which is a pass over the data, not a stream.
 
 Measured per run (common.TreeSampler every 1 s, PSS every 5 s; the object store by ``ray memory --stats-only`` from
-the driver every 2 s): the peak RSS of the driver, of the Ray Data / Ray worker processes, of the Train workers
-(largest and summed), of Ray's own daemons, of the whole tree, and the peak object-store use. Goal: large / small
-<= 1.1 for each process group (memory does not grow with the data).
+the driver every 2 s): the peak RSS of the driver, of the Ray Data / Ray worker processes (summed over the
+processes alive at one time, and the largest one), of the Train workers (largest and summed), of Ray's own daemons,
+of the whole tree, and the peak object-store use (also per phase: planning pass, training stream). Goal: large /
+small <= 1.1 for each process group (memory does not grow with the data). The object store holds up to one
+shuffle window's tokenized rows whatever the data's size (``data.stream_buffer_mb``, sharded JSONL reads): a
+1k-row run never fills a window, so its ratio to 100k says little; ``--small 100000 --large 300000`` shows it
+(bench/results/streaming_memory_300k.json).
 
     .venv/bin/python bench/streaming_memory.py [--small 1000] [--large 100000] [--steps 4] [--quick]
 """
@@ -41,7 +45,7 @@ from common import (
 DEFAULT_OUT = ROOT / "bench" / "results" / "streaming_memory.json"
 SAMPLES = {"sft": ROOT / "data" / "sample" / "sft.jsonl", "dpo": ROOT / "data" / "sample" / "prefs.jsonl"}
 GOAL = 1.1
-GROUPS = ("driver", "train_workers_sum", "train_worker_max", "ray_workers", "ray_daemons", "tree",
+GROUPS = ("driver", "train_workers_sum", "train_worker_max", "ray_workers", "ray_worker_max", "ray_daemons", "tree",
           "object_store")
 
 
@@ -68,6 +72,7 @@ class StoreSampler(threading.Thread):
     def __init__(self, period: float = 2.0):
         super().__init__(daemon=True)
         self.period, self.stop_event, self.peak_mib, self.samples = period, threading.Event(), 0.0, 0
+        self.series: list[tuple[float, float]] = []  # (unix time, MiB)
 
     def run(self) -> None:
         from ray._private.internal_api import memory_summary
@@ -80,6 +85,11 @@ class StoreSampler(threading.Thread):
             m = re.search(r"Plasma memory usage ([\d.]+) MiB", text)
             if m:
                 self.peak_mib, self.samples = max(self.peak_mib, float(m.group(1))), self.samples + 1
+                self.series.append((time.time(), float(m.group(1))))
+
+    def peak_between(self, start: float, end: float) -> float | None:
+        inside = [mib for t, mib in self.series if start <= t <= end]
+        return max(inside) if inside else None
 
 
 def side_ours(spec: dict) -> dict:
@@ -115,21 +125,24 @@ def side_ours(spec: dict) -> dict:
     return {"side": "ours", "steps": len(metrics), "data_report": json.loads((out / "data_report.json").read_text()),
             "plan_s": plan_end - t0, "run_s": end - t0, "object_store_peak_mib": store.peak_mib,
             "object_store_samples": store.samples,
+            "object_store_peak_mib_by_phase": {"plan": store.peak_between(t0, plan_end),
+                                               "train": store.peak_between(plan_end, end)},
             "steady": {"window_start_unix": plan_end, "window_end_unix": end},  # the streaming phase
             "phases": {"plan": [t0, plan_end], "train": [plan_end, end]}}
 
 
 def groups(res: dict) -> dict:
-    """Peak RSS (MB) per process group of one run."""
-    procs = res["peak_rss_by_process"]
+    """Peak RSS (MB) per process group of one run: each group's peak of its per-sample sum (processes alive at the
+    same time; a bigger dataset runs more short-lived Ray Data tasks, whose peaks never coexist), the largest
+    single Ray worker process, and the object store."""
+    procs, peaks = res["peak_rss_by_process"], res["peak_group_rss_mb"]
     train = [p["peak_rss_mb"] for p in procs if p["process"].startswith("ray::RayTrainWorker")]
-    daemons = [p["peak_rss_mb"] for p in procs if not p["root"] and not p["process"].startswith("ray::")]
     workers = [p["peak_rss_mb"] for p in procs if p["process"].startswith("ray::")
                and not p["process"].startswith("ray::RayTrainWorker")]
-    return {"driver": sum(p["peak_rss_mb"] for p in procs if p["root"]), "train_workers_sum": res["memory"][
-            "train_sum_rss_mb"], "train_worker_max": max(train, default=None), "ray_workers": sum(workers),
-            "ray_daemons": sum(daemons), "tree": res["memory"]["tree_rss_mb"],
-            "object_store": res["object_store_peak_mib"] * 2**20 / MB}
+    return {"driver": peaks.get("driver"), "train_workers_sum": res["memory"]["train_sum_rss_mb"],
+            "train_worker_max": max(train, default=None), "ray_workers": peaks.get("ray_workers"),
+            "ray_worker_max": max(workers, default=None), "ray_daemons": peaks.get("ray_daemons"),
+            "tree": res["memory"]["tree_rss_mb"], "object_store": res["object_store_peak_mib"] * 2**20 / MB}
 
 
 def main() -> None:

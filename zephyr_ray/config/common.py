@@ -130,6 +130,10 @@ class DataConfig:
     # Rows shuffled together (a seeded permutation of each window of the input, in input order): streaming, so
     # memory does not grow with the data, unlike a global shuffle, which holds every row before the first goes out.
     shuffle_window: int = 8192
+    # Object-store memory (MB) the data pipeline may fill ahead of what consumes it (the planning pass, the stream
+    # into the workers): Ray Data's budget, with JSONL read in shards, so the data never sits whole in the store
+    # however large it is. Training consumes far slower than reading: a block or two ahead is enough.
+    stream_buffer_mb: int = 16
     seed: int = 0
     on_bad_row: str = choice("error", "skip")
     # What to do with a dialogue longer than max_length tokens.
@@ -156,6 +160,8 @@ class DataConfig:
             out.append(("eval_fraction", "must be within [0, 1)"))
         if self.shuffle_window < 1:
             out.append(("shuffle_window", "must be at least 1 row"))
+        if self.stream_buffer_mb < 1:
+            out.append(("stream_buffer_mb", "must be at least 1 MB"))
         if self.eval_fraction and self.eval_path:
             out.append(("eval_fraction", f"holds out part of data.path, but data.eval_path={self.eval_path!r} is "
                                          "set too: give one of them"))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+from ray.data import ExecutionOptions, ExecutionResources
 
 from zephyr_ray.config import DataConfig
 from zephyr_ray.data.rows import DataReport, raise_bad_row
@@ -41,10 +42,10 @@ def stage_dataset(rows: ray.data.Dataset, examples: Examples, schema: pa.Schema,
                   cfg: DataConfig, chat_template: str | None = None) -> ray.data.Dataset:
     """Training rows, streamed (shuffled first when ``cfg.shuffle``, with a fixed seed); tokenized with
     ``chat_template`` (``model.chat_template``) when given."""
-    return _shuffled(rows, cfg).map_batches(
+    return bounded(_shuffled(rows, cfg).map_batches(
         _rows, batch_format="pyarrow", batch_size=cfg.pack_window,
         fn_kwargs={"examples": examples, "schema": schema, "tokenizer_path": tokenizer_path, "cfg": cfg,
-                   "chat_template": chat_template})
+                   "chat_template": chat_template}), cfg)
 
 
 def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: DataConfig,
@@ -55,7 +56,7 @@ def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: D
         _report, batch_format="pyarrow", batch_size=cfg.pack_window,
         fn_kwargs={"examples": examples, "tokenizer_path": tokenizer_path, "cfg": cfg, "chat_template": chat_template})
     # The same shuffle and pack windows as the training stream (Ray Train preserves order), so the counts agree.
-    reports.context.execution_options.preserve_order = True
+    bounded(reports, cfg)
     total = DataReport()
     try:
         for item in reports.iter_rows():
@@ -64,6 +65,22 @@ def plan(rows: ray.data.Dataset, examples: Examples, tokenizer_path: str, cfg: D
         raise_bad_row(exc)
         raise
     return total
+
+
+def stream_options(cfg: DataConfig) -> ExecutionOptions:
+    """Ray Data's execution options for a stage's data: order kept, object store bounded by
+    ``data.stream_buffer_mb`` (with JSONL read in shards, the data never sits whole in the store)."""
+    return ExecutionOptions(preserve_order=True,
+                            resource_limits=ExecutionResources(object_store_memory=cfg.stream_buffer_mb * 2**20))
+
+
+def bounded(ds: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
+    """``ds`` with :func:`stream_options` and blocks of at most a quarter of ``data.stream_buffer_mb``: the
+    budget holds back tasks not yet started, while a running task (tokenizing a shuffle window: tens of MB of
+    token ids) stops after two unconsumed blocks, so small blocks keep it from running far ahead."""
+    ds.context.execution_options = stream_options(cfg)
+    ds.context.target_max_block_size = max(cfg.stream_buffer_mb * 2**20 // 4, 2**20)
+    return ds
 
 
 def window_order(n: int, seed: int, first_row: dict[str, Any]) -> list[int]:

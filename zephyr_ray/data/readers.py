@@ -14,29 +14,108 @@ from pathlib import Path
 
 import fsspec
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
-from ray.data.datasource import FileBasedDatasource
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, FileBasedDatasource, ReadTask
 
 SOURCE, ROW, RAW_JSON = "_source", "_row", "_json"
 _BLOCK_ROWS = 4096
+# A JSONL file is read as shards of about this many bytes, one Ray Data read task each.
+SHARD_BYTES = 4 * 2**20
+_JSONL_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class JsonlRows(FileBasedDatasource):
-    """One row per non-blank line: ``_source``, ``_row`` (1-based line number), ``_json`` (the line)."""
+def _lines_table(path: str, lines: list[str], numbers: list[int]) -> pa.Table:
+    return pa.table({SOURCE: [path] * len(lines), ROW: numbers, RAW_JSON: lines})
 
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        lines, numbers = [], []
-        for number, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", newline="\n"), 1):
-            if line.strip():
-                lines.append(line)
-                numbers.append(number)
-            if len(lines) == _BLOCK_ROWS:
-                yield pa.table({SOURCE: [path] * len(lines), ROW: numbers, RAW_JSON: lines})
-                lines, numbers = [], []
-        if lines:
-            yield pa.table({SOURCE: [path] * len(lines), ROW: numbers, RAW_JSON: lines})
+
+def _shard_starts(f: pa.NativeFile, size: int, shard_bytes: int, chunk_bytes: int = 1 << 20) -> list[tuple[int, int]]:
+    """(byte offset, 1-based line number) of each shard's first line: the first line that starts at or after
+    ``shard_bytes`` past the previous shard's start; one sequential pass counting newlines."""
+    out, target, pos, newlines = [(0, 1)], shard_bytes, 0, 0
+    for chunk in iter(lambda: f.read(chunk_bytes), b""):
+        while target - 1 - pos < len(chunk):
+            i = chunk.find(b"\n", max(target - 1 - pos, 0))  # a line starts after a newline at >= target - 1
+            if i < 0 or pos + i + 1 >= size:
+                break
+            out.append((pos + i + 1, newlines + chunk.count(b"\n", 0, i + 1) + 1))
+            target = pos + i + 1 + shard_bytes
+        newlines += chunk.count(b"\n")
+        pos += len(chunk)
+    return out
+
+
+class JsonlRows(Datasource):
+    """One row per non-blank line: ``_source``, ``_row`` (1-based line number), ``_json`` (the line).
+
+    A file is split at line boundaries into shards of about ``SHARD_BYTES``, each its own read task (a ``.gz``
+    file, which cannot be entered in the middle, is one): with one task per file, a large file would be pushed
+    into the object store whole however slowly the operators after it consume, since Ray Data's backpressure
+    can only hold back tasks not yet started. The driver counts each shard's first line number in one pass."""
+
+    def __init__(self, path: str, shard_bytes: int = SHARD_BYTES):
+        self._fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(),
+                                                                                str(Path(path).absolute()))
+        info = self._fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            files = [f.path for f in self._fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                     if f.type == pafs.FileType.File and f.path.lower().endswith(_JSONL_EXTENSIONS)]
+        elif info.type == pafs.FileType.File:
+            files = [root]
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        if not files:
+            raise FileNotFoundError(f"{path}: no .jsonl or .json files")
+        self._prefix = path[: path.index("://") + 3] if "://" in path else ""
+        self._shards: list[tuple[str, int, int | None, int]] = []  # (file, start, end, first line number)
+        for file in sorted(files):
+            if file.lower().endswith(".gz"):
+                self._shards.append((file, 0, None, 1))
+                continue
+            with self._fs.open_input_file(file) as f:
+                starts = _shard_starts(f, f.size(), shard_bytes)
+            ends = [s for s, _ in starts[1:]] + [None]
+            self._shards += [(file, start, end, line) for (start, line), end in zip(starts, ends)]
+        self._sizes = [self._fs.get_file_info(f).size or 0 for f in sorted(files)]
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(self._sizes)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        tasks = []
+        for file, start, end, line in self._shards:
+            name = self._prefix + file if self._prefix and "://" not in file else file
+            size = (end if end is not None else self._fs.get_file_info(file).size) - start
+            meta = BlockMetadata(num_rows=None, size_bytes=int(size), exec_stats=None, input_files=(name,))
+            tasks.append(ReadTask(lambda a=(self._fs, file, name, start, end, line): _read_shard(*a), meta,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def _read_shard(fs: pafs.FileSystem, file: str, name: str, start: int, end: int | None, first_line: int
+                ) -> Iterator[pa.Table]:
+    """The lines of bytes [start, end) of ``file`` (to the end when ``end`` is None), in tables of _BLOCK_ROWS."""
+    if file.lower().endswith(".gz"):
+        stream = fs.open_input_stream(file, compression="gzip")
+    else:
+        stream = fs.open_input_file(file)
+        stream.seek(start)
+    with stream:
+        raw = stream.read(end - start) if end is not None else stream.read()
+    lines, numbers = [], []
+    for number, line in enumerate(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", newline="\n"), first_line):
+        if line.strip():
+            lines.append(line)
+            numbers.append(number)
+        if len(lines) == _BLOCK_ROWS:
+            yield _lines_table(name, lines, numbers)
+            lines, numbers = [], []
+    if lines:
+        yield _lines_table(name, lines, numbers)
 
 
 class ParquetRows(FileBasedDatasource):
@@ -86,7 +165,7 @@ def read_rows(path: str, fmt: str = "auto", split: str = "train", limit: int | N
     """A Ray Dataset of raw rows with their provenance columns; nothing is validated here."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "jsonl":
-        ds = ray.data.read_datasource(JsonlRows(path, file_extensions=["jsonl", "json", "gz"]))
+        ds = ray.data.read_datasource(JsonlRows(path))
     elif fmt == "parquet":
         ds = ray.data.read_datasource(ParquetRows(path, file_extensions=["parquet"]))
     elif fmt == "hf_disk":

@@ -15,13 +15,12 @@ import pyarrow as pa
 import ray
 import ray.data
 import ray.train
-from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from zephyr_ray.cluster import ensure_ray, open_run
 from zephyr_ray.config import DataConfig, TrainingRecipe, resolve_path
 from zephyr_ray.data.mixture import describe, mix
-from zephyr_ray.data.pipeline import plan, stage_dataset
+from zephyr_ray.data.pipeline import plan, stage_dataset, stream_options
 from zephyr_ray.data.readers import read_rows
 from zephyr_ray.data.split import split_held_out
 from zephyr_ray.models import chat_template_source, resolve_model_path
@@ -116,8 +115,7 @@ def fit(cfg: TrainingRecipe, stage: Stage, dataset: Any) -> Any:
             worker_runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": extensions_cache()}},
         ),
         datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=stream_options(cfg.data)),
     )
     return trainer.fit()
 
