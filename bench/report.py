@@ -68,6 +68,14 @@ def ratio_text(h: dict) -> str:
             f"{h['peer_config']} {h['peer_value']:{spec}} {h['unit']}{goal})")
 
 
+def short_ratio(h: dict) -> str:
+    """A further headline of the same bench: its name, ratio and verdict only (the page has the figures)."""
+    if h.get("ratio") is None:
+        return f"{h['name']}: no ratio"
+    verdict = "" if h.get("goal") is None else f" ({'met' if h['met'] else 'not met'})"
+    return f"{h['name']}: {h['ratio']:.2f}x{verdict}"
+
+
 def provenance(r: dict) -> str:
     git, m = r.get("git", {}), r.get("machine", {})
     when = datetime.datetime.fromtimestamp(r["when_unix"], datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -119,8 +127,12 @@ def render_headlines(results: list[dict]) -> str:
     heads = [(r, h) for r in results for h in r.get("headline") or []]
     if not heads:
         lines.append("No committed benchmark results yet: `make bench` on a quiet machine, then `make bench-report`.")
-    for r, h in heads:
-        lines.append(f"- {ratio_text(h)}; `{r['_file']}`, {provenance(r)}")
+    for r in results:  # one line per bench: its first headline in full, the others as their ratios
+        first, *rest = r.get("headline") or [None]
+        if first is None:
+            continue
+        more = "".join(f"; {short_ratio(h)}" for h in rest)
+        lines.append(f"- {ratio_text(first)}{more} (`{r['_file']}`, {provenance(r)})")
     lines += ["Tables, memory three ways and token parity: [docs/benchmarks.md](docs/benchmarks.md).", END]
     return "\n".join(lines)
 

@@ -69,8 +69,9 @@ def synthetic(stage: str, n: int, path: Path) -> None:
 class StoreSampler(threading.Thread):
     """Peak object-store (plasma) use, from ``ray memory --stats-only`` every ``period`` s."""
 
-    def __init__(self, period: float = 2.0):
+    def __init__(self, address: str, period: float = 2.0):
         super().__init__(daemon=True)
+        self.address = address  # this run's cluster: another one may be up on the machine
         self.period, self.stop_event, self.peak_mib, self.samples = period, threading.Event(), 0.0, 0
         self.series: list[tuple[float, float]] = []  # (unix time, MiB)
 
@@ -79,7 +80,7 @@ class StoreSampler(threading.Thread):
 
         while not self.stop_event.wait(self.period):
             try:
-                text = memory_summary(stats_only=True)
+                text = memory_summary(address=self.address, stats_only=True)
             except Exception:  # the cluster is starting or stopping
                 continue
             m = re.search(r"Plasma memory usage ([\d.]+) MiB", text)
@@ -106,7 +107,7 @@ def side_ours(spec: dict) -> dict:
     schema = DPORecipe if stage == "dpo" else SFTRecipe
     cfg = load_config(src / "configs" / "tiny" / f"{stage}.yaml", overrides, schema)
     start_local_ray(src)
-    store = StoreSampler()
+    store = StoreSampler(ray.get_runtime_context().gcs_address)
     store.start()
     t0 = time.time()
     if stage == "dpo":
