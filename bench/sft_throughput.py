@@ -200,6 +200,25 @@ def side_ours(spec: dict) -> dict:
 # side: TRL SFTTrainer
 
 
+# The per-message line of a ChatML template (SmolLM2's, as its GGUF carries it) and the same text with TRL's
+# {% generation %} markers around an assistant answer: SFTTrainer's assistant_only_loss needs them and cannot patch
+# the template itself. The rendered text is unchanged, so both sides train the same tokens.
+CHATML_LINE = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML_MARKED = ("{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+                 "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}" + CHATML_LINE +
+                 "{% endif %}")
+
+
+def training_template(template: str) -> str:
+    """``template`` itself when it marks the assistant's answers already, else its ChatML line marked."""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        return template
+    if CHATML_LINE not in template:
+        raise SystemExit("the model's chat template has no {% generation %} markers and is not the ChatML shape "
+                         "this bench knows how to mark: TRL's assistant_only_loss cannot train on it")
+    return template.replace(CHATML_LINE, CHATML_MARKED)
+
+
 def side_trl(spec: dict) -> dict | None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -210,6 +229,7 @@ def side_trl(spec: dict) -> dict | None:
     rows = read_jsonl(Path(spec["data_path"]))
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     tok = load_tokenizer(spec["model_path"])
+    tok.chat_template = training_template(tok.chat_template)
     model = load_model(spec["model_path"])  # sdpa, as ours (eager for families without it: MPT)
     args = SFTConfig(
         output_dir=spec["output_dir"],

@@ -152,3 +152,31 @@ def test_every_result_carries_its_provenance(common, report, tmp_path):
     assert r["packages"]["torch"] and "trl" in r["packages"]
     results, skipped = report.load_results(tmp_path / "results")
     assert [x["bench"] for x in results] == ["dpo_throughput"] and skipped == []
+
+
+def test_trl_gets_the_models_chatml_template_with_generation_markers_and_the_same_text():
+    """SmolLM2's ChatML template has no {% generation %} markers, which TRL's assistant_only_loss needs: the bench
+    marks the assistant's answer (content + <|im_end|>) and renders the very same text."""
+    from jinja2 import Environment, nodes
+    from jinja2.ext import Extension
+
+    sft = _load("sft_throughput")
+
+    class Generation(Extension):  # what transformers' renderer does with the markers: keep the text
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    plain = ("{% for message in messages %}" + sft.CHATML_LINE + "{% endfor %}")
+    marked = sft.training_template(plain)
+    assert "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}" in marked
+    assert sft.training_template(marked) == marked  # already marked: unchanged
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    env = Environment(extensions=[Generation])
+    assert env.from_string(marked).render(messages=msgs) == env.from_string(plain).render(messages=msgs) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+    with pytest.raises(SystemExit, match="no \\{% generation %\\} markers"):
+        sft.training_template("{{ messages[0]['content'] }}")
