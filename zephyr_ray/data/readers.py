@@ -61,36 +61,37 @@ class JsonlRows(Datasource):
                                                                                 str(Path(path).absolute()))
         info = self._fs.get_file_info(root)
         if info.type == pafs.FileType.Directory:
-            files = [f.path for f in self._fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            infos = [f for f in self._fs.get_file_info(pafs.FileSelector(root, recursive=True))
                      if f.type == pafs.FileType.File and f.path.lower().endswith(_JSONL_EXTENSIONS)]
         elif info.type == pafs.FileType.File:
-            files = [root]
+            infos = [info]
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
-        if not files:
+        if not infos:
             raise FileNotFoundError(f"{path}: no .jsonl or .json files")
-        self._prefix = path[: path.index("://") + 3] if "://" in path else ""
+        prefix = path[: path.index("://") + 3] if "://" in path else ""
+        self._sizes = {f.path: f.size or 0 for f in infos}  # bytes on disk, from the listing: no second look
+        self._names = {f.path: f.path if "://" in f.path else prefix + f.path for f in infos}  # as rows name it
         self._shards: list[tuple[str, int, int | None, int]] = []  # (file, start, end, first line number)
-        for file in sorted(files):
+        for file in sorted(self._sizes):
             if file.lower().endswith(".gz"):
-                self._shards.append((file, 0, None, 1))
+                self._shards.append((file, 0, None, 1))  # read whole; its end is not a byte offset
                 continue
             with self._fs.open_input_file(file) as f:
-                starts = _shard_starts(f, f.size(), shard_bytes)
-            ends = [s for s, _ in starts[1:]] + [None]
+                starts = _shard_starts(f, self._sizes[file], shard_bytes)
+            ends = [s for s, _ in starts[1:]] + [self._sizes[file]]
             self._shards += [(file, start, end, line) for (start, line), end in zip(starts, ends)]
-        self._sizes = [self._fs.get_file_info(f).size or 0 for f in sorted(files)]
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return sum(self._sizes)
+        return sum(self._sizes.values())
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         tasks = []
         for file, start, end, line in self._shards:
-            name = self._prefix + file if self._prefix and "://" not in file else file
-            size = (end if end is not None else self._fs.get_file_info(file).size) - start
-            meta = BlockMetadata(num_rows=None, size_bytes=int(size), exec_stats=None, input_files=(name,))
+            name = self._names[file]
+            size = (self._sizes[file] if end is None else end) - start
+            meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=(name,))
             tasks.append(ReadTask(lambda a=(self._fs, file, name, start, end, line): _read_shard(*a), meta,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
@@ -98,7 +99,8 @@ class JsonlRows(Datasource):
 
 def _read_shard(fs: pafs.FileSystem, file: str, name: str, start: int, end: int | None, first_line: int
                 ) -> Iterator[pa.Table]:
-    """The lines of bytes [start, end) of ``file`` (to the end when ``end`` is None), in tables of _BLOCK_ROWS."""
+    """The lines of bytes [start, end) of ``file`` (a whole ``.gz`` file when ``end`` is None), in tables of
+    _BLOCK_ROWS."""
     if file.lower().endswith(".gz"):
         stream = fs.open_input_stream(file, compression="gzip")
     else:
