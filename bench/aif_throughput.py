@@ -35,7 +35,6 @@ def main() -> None:
     if a.quick:
         a.prompts, a.max_new_tokens = 8, 8
     env = envelope("aif_throughput", a.quick)
-    os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
 
     from zephyr_ray.config import AIFRecipe, load_config

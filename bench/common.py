@@ -342,15 +342,18 @@ class MetricsTail(threading.Thread):
         return self.arrivals
 
 
-def start_local_ray(src: Path) -> tuple[float, str]:
-    """A fresh local cluster owned (and shut down) by this process, never a running one; checked to run the
-    snapshot in the driver and in Ray workers. Returns the ``ray.init`` time and the workers' package file."""
+def start_local_ray(src: Path | None = None) -> tuple[float, str]:
+    """A fresh 2-CPU local cluster owned (and shut down) by this process, never a running one (``RAY_ADDRESS``
+    is dropped; the project's ``ensure_ray`` does the rest); with ``src``, checked to run that code snapshot in
+    the driver and in Ray workers. Returns the ``ray.init`` time and the workers' package file."""
     import ray
 
     import zephyr_ray
+    from zephyr_ray.cluster import ensure_ray
 
+    os.environ.pop("RAY_ADDRESS", None)
     t0 = time.time()
-    ray.init(address="local", num_cpus=2)
+    ensure_ray(num_cpus=2)
     t_ray = time.time() - t0
 
     @ray.remote(num_cpus=0)
@@ -360,7 +363,7 @@ def start_local_ray(src: Path) -> tuple[float, str]:
         return zephyr_ray.__file__
 
     worker_pkg = ray.get(package_file.remote())
-    if not worker_pkg.startswith(str(src)) or not zephyr_ray.__file__.startswith(str(src)):
+    if src is not None and not (worker_pkg.startswith(str(src)) and zephyr_ray.__file__.startswith(str(src))):
         raise RuntimeError(f"not running the snapshot: driver {zephyr_ray.__file__}, Ray worker {worker_pkg}")
     return t_ray, worker_pkg
 
@@ -394,10 +397,11 @@ def trl_figures(trainer, clock, train_output, t_train: float) -> dict:
 
 
 def timed_on_local_ray(run_fn: Callable, cfg) -> tuple[object, float]:
-    """``run_fn(cfg)`` on a fresh 2-CPU local cluster, shut down afterwards: (its result, wall seconds)."""
+    """``run_fn(cfg)`` on a fresh local cluster (``start_local_ray``), shut down afterwards: (its result, wall
+    seconds of ``run_fn``)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     try:
         start = time.perf_counter()
         result = run_fn(cfg)
@@ -503,7 +507,7 @@ class TreeSampler(threading.Thread):
         # Which processes train (by label): their RSS/PSS are also summed per sample, so "all training processes"
         # is a simultaneous peak, not a sum of peaks reached at different times.
         self.is_trainer = is_trainer or (lambda label: False)
-        self.peak_train_rss, self.peak_train_pss = 0, 0
+        self.peak_train_pss = 0
 
         self.psutil = psutil
         self.root = psutil.Process(pid)
@@ -536,12 +540,13 @@ class TreeSampler(threading.Thread):
 
     @staticmethod
     def group(label: str, root: bool, trainer: bool) -> str:
-        """driver (the side's own process), train (training processes), ray_workers (Ray Data tasks, actors),
+        """train (training processes), driver (the side's own process when it does not train), ray_workers (Ray Data
+        tasks, actors),
         ray_daemons (GCS, raylet, dashboard, ...)."""
+        if trainer:  # a single-process peer trains in the root process itself
+            return "train"
         if root:
             return "driver"
-        if trainer:
-            return "train"
         return "ray_workers" if label.startswith("ray::") else "ray_daemons"
 
     def _relabel(self, p) -> None:
@@ -565,7 +570,7 @@ class TreeSampler(threading.Thread):
                 break
             total, parts = 0, []
             want_pss = time.time() - last_pss >= self.pss_period
-            pss, train_rss, train_pss = 0, 0, 0
+            pss, train_pss = 0, 0
             group_rss: dict[str, int] = {}
             for p in procs:
                 try:
@@ -582,12 +587,10 @@ class TreeSampler(threading.Thread):
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                     continue
                 total += rss
-                train_rss += rss if trainer else 0
                 parts.append((self.labels.get(p.pid, "?"), rss))
                 g = self.group(self.labels.get(p.pid, "?"), p.pid == self.root.pid, trainer)
                 group_rss[g] = group_rss.get(g, 0) + rss
                 self.peak_rss_by_pid[p.pid] = max(self.peak_rss_by_pid.get(p.pid, 0), rss)
-            self.peak_train_rss = max(self.peak_train_rss, train_rss)
             for g, rss in group_rss.items():
                 self.peak_group_rss[g] = max(self.peak_group_rss.get(g, 0), rss)
             if want_pss:
@@ -671,7 +674,7 @@ class TreeSampler(threading.Thread):
             "train_processes": len(own),
             "largest_train_rss_mb": largest[1] / MB if largest else None,
             "largest_train_pss_mb": (self.peak_pss_by_pid.get(largest[0], 0) / MB) if largest else None,
-            "train_sum_rss_mb": self.peak_train_rss / MB if own else None,
+            "train_sum_rss_mb": self.peak_group_rss.get("train", 0) / MB if own else None,
             "train_sum_pss_mb": self.peak_train_pss / MB if own else None,
             "tree_rss_mb": self.peak_rss / MB,
             "tree_pss_mb": self.peak_pss / MB,
@@ -881,18 +884,27 @@ def print_table(columns: list[tuple[str, str, str]], summary: dict[str, dict], s
         print("".join(f"{v[k] if not f else fmt(v[k], f):>{w}}" for (k, _, f), w in zip(columns, widths)))
 
 
-def print_headlines(heads: list[dict], parity: dict, value_format: str = ".0f") -> None:
+def ratio_text(h: dict, bold: bool = True) -> str:
+    """One headline as a sentence: the ratio, both figures, both configurations, and the goal (the README's line;
+    ``bold=False`` for the console)."""
+    if h.get("ratio") is None:
+        return f"{h['name']}: no ratio ({h.get('why_none', 'not measured')})"
+    spec = ".0f" if max(abs(h["ours_value"]), abs(h["peer_value"])) >= 100 else ".2f"
+    goal = ""
+    if h.get("goal") is not None:
+        sign = "<=" if h["unit"] == "MB" else ">="
+        goal = f"; goal {sign} {h['goal']}x {'met' if h['met'] else 'not met'}"
+    ratio = f"**{h['ratio']:.2f}x**" if bold else f"{h['ratio']:.2f}x"
+    return (f"{h['name']}: {ratio} ({h['ours_config']} {h['ours_value']:{spec}} vs "
+            f"{h['peer_config']} {h['peer_value']:{spec}} {h['unit']}{goal})")
+
+
+def print_headlines(heads: list[dict], parity: dict) -> None:
     if not parity["ok"]:
         print(f"\nNO RATIO: the configurations trained different tokens beyond what packing explains: "
               f"{parity['beyond_allowed']} (reference {parity['reference']}, allowed {parity['allowed']})")
     for h in heads:
-        if h["ratio"] is None:
-            print(f"{h['name']}: no ratio ({h['why_none']})")
-            continue
-        verdict = "" if h["met"] is None else (" MET" if h["met"] else " not met")
-        print(f"{h['name']}: {h['ours_config']} {h['ours_value']:{value_format}} vs {h['peer_config']} "
-              f"{h['peer_value']:{value_format}} {h['unit']} = {h['ratio']:.2f}x "
-              f"(goal {'<=' if h['unit'] == 'MB' else '>='} {h['goal']}x){verdict}")
+        print(ratio_text(h, bold=False))
 
 
 def comparison_record(columns: list, summary: dict[str, dict], specs: list, ours: dict, trl: dict) -> dict:

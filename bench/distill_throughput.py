@@ -42,7 +42,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import SHARED_DATA_DIR, build_model, fmt, machine_info, matmul_flops, wait_quiet  # noqa: E402
+from common import (  # noqa: E402
+    SHARED_DATA_DIR,
+    build_model,
+    fmt,
+    machine_info,
+    matmul_flops,
+    start_local_ray,
+    wait_quiet,
+)
 
 SHARED_DATA = SHARED_DATA_DIR / "sft_gpt4_teacher.jsonl"
 SAMPLE_DATA = ROOT / "data" / "sample" / "sft.jsonl"
@@ -133,7 +141,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args()
     ks = [int(k) for k in a.ks.split(",")]
-    os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
     import ray
     import torch
@@ -154,7 +161,7 @@ def main() -> None:
         tokens = sum(len(r["input_ids"]) for r in rows)
         positions = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
         print(f"{len(rows)} packed rows ({tokens} tokens, {positions} trained positions) from {data}", flush=True)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray()
         best: dict[tuple[int, str], dict] = {}
         startup = float("inf")
         try:

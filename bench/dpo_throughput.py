@@ -554,7 +554,7 @@ def main() -> None:
           f"{a.max_length} / max_prompt_length {a.max_prompt_length}, {a.global_batch} pairs/step, fp32; steady "
           f"state = steps {a.warmup + 1}..{total_steps}" + (f"; best of {a.repeats} runs" if a.repeats > 1 else ""))
     print_table(COLUMNS, summary, specs, session.work)
-    print_headlines(heads, parity, ".2f")
+    print_headlines(heads, parity)
     print_noise_notes({k: v["foreign_cpu_cores_in_window"] for k, v in summary.items()}, a)
     print_failures(runs)
     finish_session(session, {

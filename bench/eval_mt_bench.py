@@ -65,7 +65,6 @@ def main() -> None:
         a.models, a.max_new_tokens, a.judge_max_new_tokens = 1, 8, 8
         a.set = [*a.set, "mt_bench.per_category=1"]
     env = envelope("eval_mt_bench", a.quick)
-    os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "zephyr-ray" / "torch_extensions"))
 
     from zephyr_ray.config import EvalRecipe, load_config

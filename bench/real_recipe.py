@@ -43,6 +43,7 @@ from common import (  # noqa: E402
     cpu_model,
     finish_session,
     read_jsonl,
+    start_local_ray,
     start_session,
 )
 
@@ -79,6 +80,7 @@ class Sizes:
     dpo_micro_batch: int = 4
     dpo_accumulation: int = 2
     beta: float = 0.1
+    rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL beside the DPO loss (dpo.rpo_alpha)
     answer_tokens: int = 48  # (c): max_new_tokens of the dSFT and dDPO answers
     score_tokens: int = 2048  # tokens per forward pass of the in-process scorers
     # The stages also evaluate the held-out rows at their last step (data.eval_path): eval_loss and
@@ -315,7 +317,8 @@ def dpo_overlay(s: Sizes, model: Path, data: Path, out: Path, eval_path: Path | 
                       # No warmup: with 8 steps, a 10% warmup spends the first step at lr 0.
                       "gradient_accumulation_steps": s.dpo_accumulation, "lr": s.dpo_lr, "warmup_ratio": 0.0,
                       "precision": "fp32", "checkpoint_every": 10_000, "eval_every": 10_000},
-            "dpo": {"beta": s.beta, "loss_type": "sigmoid", "max_prompt_length": s.max_prompt_length,
+            "dpo": {"beta": s.beta, "loss_type": "sigmoid", "rpo_alpha": s.rpo_alpha,
+                    "max_prompt_length": s.max_prompt_length,
                     "ref": {"mode": "precompute", "path": None}},
             "run": {"name": "real-dpo", "output_dir": str(out)}, "wandb": {"enabled": False}}
 
@@ -407,23 +410,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_workers_run(src: Path) -> None:
-    """Ray workers import the code snapshot, like this process."""
-    import ray
-
-    import zephyr_ray
-
-    @ray.remote(num_cpus=0)
-    def package_file() -> str:
-        import zephyr_ray
-
-        return zephyr_ray.__file__
-
-    files = [zephyr_ray.__file__, ray.get(package_file.remote())]
-    if not all(f.startswith(str(src)) for f in files):
-        raise RuntimeError(f"not running the snapshot {src}: {files}")
-
-
 def stage_data(out: Path) -> dict[str, Any]:
     """What the stage trained on (its data_report.json): rows read, used, skipped, truncated, tokens."""
     report = json.loads((out / "data_report.json").read_text())
@@ -438,18 +424,39 @@ def check_close(what: str, ours: float, stage: float, tol: float = 2e-3) -> None
     print(f"[real] {what}: in-process {ours:.6f} = stage eval {stage:.6f}", flush=True)
 
 
+def overridden(s: Sizes, assignments: Sequence[str]) -> Sizes:
+    """``s`` with ``name=value`` assignments (``--set``), each value read as its field's type (``none``: None)."""
+    fields = {f.name: f for f in dataclasses.fields(Sizes)}
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {assignment!r}: expected NAME=VALUE with NAME one of {sorted(fields)}")
+        default = getattr(FULL, name)
+        if text.lower() == "none":
+            changes[name] = None
+        elif isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise SystemExit(f"--set {assignment!r}: {name} is true or false")
+            changes[name] = text.lower() == "true"
+        else:
+            try:
+                changes[name] = (type(default) if default is not None else int)(text)
+            except ValueError:
+                raise SystemExit(f"--set {assignment!r}: {text!r} is not a valid {type(default).__name__} for {name}") from None
+    return dataclasses.replace(s, **changes)
+
+
 def run(a: argparse.Namespace) -> None:
-    s = QUICK if a.quick else FULL
+    s = overridden(QUICK if a.quick else FULL, a.set)
     session = start_session(a.work_dir, "real_recipe_", "quick" if a.quick else "full size", quick=a.quick)
     work, phases = session.work, Phases()
-    # Ray's processes (started below) import the snapshot too; never join another cluster.
+    # Ray's processes (started below) import the snapshot too.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(session.src), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    os.environ.pop("RAY_ADDRESS", None)
     os.environ["WANDB_MODE"] = "disabled"
     os.chdir(work)  # Ray puts the driver's working directory first on its workers' path: not the checkout
     load_start = os.getloadavg()
 
-    from zephyr_ray.cluster import ensure_ray
     from zephyr_ray.config import DPORecipe, EvalRecipe, SFTRecipe
     from zephyr_ray.data.io import write_jsonl
     from zephyr_ray.eval.run import run_eval
@@ -499,8 +506,7 @@ def run(a: argparse.Namespace) -> None:
         gc.collect()
 
     with phases("ray start"):
-        ensure_ray()
-        check_workers_run(session.src)
+        start_local_ray(session.src)
 
     with phases("dSFT (run_sft)"):
         sft_cfg = recipe("sft", sft_overlay(s, sft_train, work / "sft", held_sft), SFTRecipe, work)
@@ -546,6 +552,7 @@ def run(a: argparse.Namespace) -> None:
     figures["c_win_rate"] = {k: al[k] for k in ("instructions", "judged", "win_rate", "standard_error", "wins",
                                                  "ties", "losses", "position_consistency", "first_position_rate",
                                                  "mean_tokens", "reference_mean_tokens", "parse_failures")}
+    figures["c_win_rate"]["timings"] = ev.results["timings"]  # generation and judging seconds, inside the phase
 
     import ray
 
@@ -580,8 +587,9 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"(a) dSFT on {f['split']['trained_dialogues']} GPT-4 dialogues ({r['choices']['sft']}, {a['train_steps']} "
           f"steps): held-out NLL/token of GPT-4's answers {a['nll_before']:.4f} -> {a['nll_after']:.4f} "
           f"({a['tokens']} tokens); lower on {_pct(a['prompts_lower_after'])} of prompts")
-    print(f"(b) dDPO on {f['split']['trained_pairs']} pairs ({r['choices']['dpo']}, {b['train_steps']} steps), "
-          "preference accuracy [Wilson 95%]:")
+    z = r["sizes"]
+    print(f"(b) dDPO on {f['split']['trained_pairs']} pairs ({r['choices']['dpo']}, {b['train_steps']} steps, beta "
+          f"{z['beta']}, lr {z['dpo_lr']}, RPO alpha {z.get('rpo_alpha', 0.0)}), preference accuracy [Wilson 95%]:")
     print(f"    {'subset':<34}{'implicit reward':<32}{'ref log-prob summed':<32}{'ref log-prob per token':<32}")
     for subset in ("all", f"{DAVINCI}_preferred", "zephyr-7b-beta_preferred"):
         x = b[subset]
@@ -604,6 +612,8 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=SHARED_DATA_DIR, help="the alpaca_eval folder of ../shared/data")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/real_recipe[_quick].json")
     ap.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder, removed at the end")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one of the Sizes (recorded in the result), e.g. --set dpo_train=512")
     a = ap.parse_args()
     if a.out is None:
         a.out = ROOT / "bench" / "results" / ("real_recipe_quick.json" if a.quick else "real_recipe.json")

@@ -17,7 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, ratio_text  # noqa: E402
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # Benches in the order the page lists them; others follow alphabetically.
 ORDER = ["sft_throughput", "dpo_throughput", "streaming_memory", "generation_throughput", "distill_throughput",
@@ -53,19 +55,6 @@ def cell(value: object, spec: str) -> str:
     if spec and isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, spec)
     return str(value)
-
-
-def ratio_text(h: dict) -> str:
-    """One headline as a sentence: the ratio, both figures, both configurations, and the goal."""
-    if h.get("ratio") is None:
-        return f"{h['name']}: no ratio ({h.get('why_none', 'not measured')})"
-    spec = ".0f" if max(abs(h["ours_value"]), abs(h["peer_value"])) >= 100 else ".2f"
-    goal = ""
-    if h.get("goal") is not None:
-        sign = "<=" if h["unit"] == "MB" else ">="
-        goal = f"; goal {sign} {h['goal']}x {'met' if h['met'] else 'not met'}"
-    return (f"{h['name']}: **{h['ratio']:.2f}x** ({h['ours_config']} {h['ours_value']:{spec}} vs "
-            f"{h['peer_config']} {h['peer_value']:{spec}} {h['unit']}{goal})")
 
 
 def short_ratio(h: dict) -> str:

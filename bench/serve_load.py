@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import build_model, envelope, load_prompts, write_result  # noqa: E402
+from common import build_model, envelope, load_prompts, start_local_ray, write_result  # noqa: E402
 
 from zephyr_ray.cluster import free_port  # noqa: E402
 
@@ -209,7 +209,7 @@ def bench_model(kind: str, a: argparse.Namespace, levels: list[int], conversatio
         f"serve.torch_threads={a.threads}", f"serve.max_batch_size={a.max_batch_size}", *wait, "serve.num_cpus=1",
         "serve.max_ongoing_requests=128", f"run.output_dir={work}"], ServeRecipe)
     t0 = time.time()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg, api_key=None), name="bench", route_prefix="/")
     startup_s = time.time() - t0
@@ -348,7 +348,7 @@ def bench_replica_kill(a: argparse.Namespace, conversations: list, work: Path) -
     cfg = load_config(ROOT / "configs/tiny/serve.yaml", [
         f"engine.path={path}", "engine.name=bench", f"serve.port={port}", f"serve.torch_threads={a.threads}",
         "serve.num_replicas=2", "serve.num_cpus=0.5", f"run.output_dir={work}"], ServeRecipe)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg, api_key=None), name="bench-kill", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -466,7 +466,6 @@ def main() -> None:
     if not set(models) <= {"tiny", "medium"}:
         raise SystemExit(f"--models: unknown {sorted(set(models) - {'tiny', 'medium'})}; known: tiny, medium")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.pop("RAY_ADDRESS", None)  # never someone else's cluster
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import torch
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -123,6 +124,33 @@ def test_token_parity_refuses_a_ratio(common):
     assert h["ratio"] is None and h["why_none"] == "token parity failed"
     h = common.headline("x", ours, peer, "tps", "tokens/s", True, goal=1.3)
     assert h["ratio"] == 1.5 and h["met"] is True
+
+
+def test_console_headline_is_the_readme_sentence(common, report, capsys):
+    ours, peer = {"name": "ours-2w", "tps": 16434.0}, {"name": "trl-2p-bs1-gas", "tps": 13043.0}
+    h = common.headline("dSFT tokens/s", ours, peer, "tps", "tokens/s", True, goal=1.3)
+    common.print_headlines([h], {"ok": True})
+    line = capsys.readouterr().out.strip()
+    assert line == "dSFT tokens/s: 1.26x (ours-2w 16434 vs trl-2p-bs1-gas 13043 tokens/s; goal >= 1.3x not met)"
+    assert report.ratio_text(h) == line.replace("1.26x", "**1.26x**")  # the README's line, ratio in bold
+
+
+def test_process_groups_and_the_simultaneous_training_peak(common):
+    group = common.TreeSampler.group
+    assert group("sft_throughput.py", root=True, trainer=True) == "train"  # a 1-process peer trains in the root
+    assert group("python", root=True, trainer=False) == "driver"  # torchrun, or our side's driver
+    assert group("ray::RayTrainWorker", root=False, trainer=True) == "train"
+    assert group("ray::MapBatches(tokenize)", root=False, trainer=False) == "ray_workers"
+    assert group("raylet", root=False, trainer=False) == "ray_daemons"
+    sampler = common.TreeSampler(os.getpid(), is_trainer=lambda label: label.startswith("ray::RayTrainWorker"))
+    mb = common.MB
+    sampler.labels = {11: "ray::RayTrainWorker", 12: "ray::RayTrainWorker", 13: "raylet"}
+    sampler.peak_rss_by_pid = {11: 100 * mb, 12: 50 * mb, 13: 10 * mb}
+    # the two workers peaked at different times: together they never held 150 MB, only 140
+    sampler.peak_group_rss = {"train": 140 * mb, "ray_daemons": 10 * mb}
+    memory = sampler.memory()
+    assert memory["train_processes"] == 2 and memory["largest_train_rss_mb"] == 100
+    assert memory["train_sum_rss_mb"] == 140
 
 
 def test_fastest_peer_and_memory_goal(common):

@@ -116,3 +116,15 @@ def test_nll_figures_by_hand(rr):
     assert f["per_prompt_drop"]["mean"] == pytest.approx(0.0)
     assert f["per_prompt_drop"]["standard_error"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2))
     assert (f["prompts_lower_after"]["k"], f["prompts_lower_after"]["n"]) == (1, 2)
+
+
+def test_size_overrides_are_typed_and_checked(rr):
+    s = rr.overridden(rr.FULL, ["dpo_train=512", "beta=0.25", "sft_lora=false", "eval_limit=12"])
+    assert (s.dpo_train, s.beta, s.sft_lora, s.eval_limit) == (512, 0.25, False, 12)
+    assert isinstance(s.dpo_train, int) and isinstance(s.beta, float)
+    assert rr.overridden(s, ["eval_limit=none"]).eval_limit is None
+    assert rr.overridden(rr.QUICK, []) == rr.QUICK  # --quick's sizes stay unless overridden
+    for bad, why in (("dpo_trian=5", "NAME one of"), ("dpo_train", "NAME=VALUE"), ("dpo_train=many", "not a valid int for dpo_train"),
+                     ("sft_lora=yes", "true or false")):
+        with pytest.raises(SystemExit, match=why):
+            rr.overridden(rr.FULL, [bad])

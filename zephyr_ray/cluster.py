@@ -49,9 +49,10 @@ def output_path(path: str | Path) -> Path:
     return base / p if base is not None else p.absolute()
 
 
-def ensure_ray() -> None:
-    """Join the cluster at ``RAY_ADDRESS`` (set for a Ray job's driver), else start a fresh local one; never a
-    cluster someone else started on this machine by accident (Ray's default would join the last ``ray start``).
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at ``RAY_ADDRESS`` (set for a Ray job's driver), else start a fresh local one (of
+    ``num_cpus`` CPUs, default all; benchmarks pin it); never a cluster someone else started on this machine by
+    accident (Ray's default would join the last ``ray start``).
 
     A local cluster keeps its dashboard on a port chosen here, and its processes are told that address:
     Train V2's placement-group cleaner asks the state API whether the controller lives, and with another
@@ -66,7 +67,7 @@ def ensure_ray() -> None:
         return
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet and its workers
-    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
 
 
 def free_port() -> int:
