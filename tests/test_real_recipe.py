@@ -103,6 +103,14 @@ def test_preference_figures_by_hand(rr):
     assert (dav["implicit_reward"]["k"], dav["implicit_reward"]["n"]) == (1, 1)
     assert out["zephyr-7b-beta_preferred"]["implicit_reward"]["rate"] == pytest.approx(0.5)
     assert out["all"]["implicit_reward"]["ci95"] == pytest.approx(list(rr.wilson_interval(2, 3)))
+    # by scored length: pair 1 chosen longer (30 vs 10, missed), pair 0 same length (hit), pair 2 chosen shorter (hit)
+    assert [out[k]["implicit_reward"]["n"] for k in ("chosen_longer", "same_length", "chosen_shorter")] == [1, 1, 1]
+    assert out["chosen_longer"]["implicit_reward"]["k"] == 0 and out["same_length"]["implicit_reward"]["k"] == 1
+    # log-prob change per token: chosen (1/10, -2/30, 0/2), rejected (-1/10, 1/10, -2/4)
+    change = out["all"]["logp_change_per_token"]
+    assert change["chosen"]["mean"] == pytest.approx((0.1 - 2 / 30 + 0.0) / 3)
+    assert change["rejected"]["mean"] == pytest.approx((-0.1 + 0.1 - 0.5) / 3)
+    assert out["chosen_longer"]["logp_change_per_token"]["chosen"]["mean"] == pytest.approx(-2 / 30)
 
 
 def test_nll_figures_by_hand(rr):
