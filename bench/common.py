@@ -541,8 +541,7 @@ class TreeSampler(threading.Thread):
     @staticmethod
     def group(label: str, root: bool, trainer: bool) -> str:
         """train (training processes), driver (the side's own process when it does not train), ray_workers (Ray Data
-        tasks, actors),
-        ray_daemons (GCS, raylet, dashboard, ...)."""
+        tasks, actors), ray_daemons (GCS, raylet, dashboard, ...)."""
         if trainer:  # a single-process peer trains in the root process itself
             return "train"
         if root:
