@@ -38,7 +38,22 @@ def test_ipo_and_hinge_by_hand():
         preference_loss(*args, beta=1.0, loss_type="kto")
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_apo_zero_by_hand_and_it_lifts_a_falling_chosen_answer():
+    args = (_t(-1.0), _t(-4.0), _t(-2.0), _t(-3.0))  # r_c = 1, r_r = -1
+    apo, cr, rj = preference_loss(*args, beta=0.5, loss_type="apo_zero")
+    assert apo.item() == pytest.approx(2 / (1 + math.exp(0.5)))  # (1 - σ(0.5)) + σ(-0.5)
+    assert (cr.item(), rj.item()) == pytest.approx((0.5, -0.5))
+    # Both answers fell, the rejected one far more (Δ = 45): DPO's loss is spent, APO-zero still lifts the chosen one.
+    for loss_type, lifts in (("sigmoid", False), ("apo_zero", True)):
+        pc, pr = _t(-15.0), _t(-60.0)
+        losses, _, _ = preference_loss(pc, pr, _t(-10.0), _t(-10.0), beta=1.0, loss_type=loss_type)
+        losses.sum().backward()
+        assert (pc.grad.item() < -1e-3) is lifts  # a negative gradient: a step raises log π(chosen)
+        if lifts:
+            assert pc.grad.item() == pytest.approx(-math.exp(5) / (1 + math.exp(5)) ** 2)  # -σ'(-5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "apo_zero"])
 @pytest.mark.parametrize("margin", [1e4, -1e4, 1e8, -1e8])
 def test_extreme_margins_stay_finite(loss_type, margin):
     pc = _t(margin / 2)

@@ -111,6 +111,14 @@ def test_preference_figures_by_hand(rr):
     assert change["chosen"]["mean"] == pytest.approx((0.1 - 2 / 30 + 0.0) / 3)
     assert change["rejected"]["mean"] == pytest.approx((-0.1 + 0.1 - 0.5) / 3)
     assert out["chosen_longer"]["logp_change_per_token"]["chosen"]["mean"] == pytest.approx(-2 / 30)
+    # per token the ranking compares those changes: 0.1 > -0.1 yes, -2/30 > 0.1 no, 0 > -0.5 yes
+    assert out["all"]["implicit_reward_per_token"]["k"] == 2
+    # a long chosen answer that fell 0.1 per token against a short rejected one that fell 0.5: summed, the
+    # rejected one wins (-10 < -2); per token, the chosen one
+    drift = {"policy_chosen": [-60.0], "ref_chosen": [-50.0], "policy_rejected": [-7.0], "ref_rejected": [-5.0],
+             "chosen_tokens": [100], "rejected_tokens": [4]}
+    one = rr.preference_figures(drift, ["zephyr-7b-beta"], beta=0.1)["all"]
+    assert (one["implicit_reward"]["k"], one["implicit_reward_per_token"]["k"]) == (0, 1)
 
 
 def test_nll_figures_by_hand(rr):

@@ -9,8 +9,6 @@ from zephyr_ray.config.loader import choice
 
 # Losses that score the policy alone: no reference model is loaded and no reference pass runs.
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
-# Losses on preference pairs {prompt, chosen, rejected}; kto reads unpaired rows {prompt, completion, label}.
-PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 
 
 @dataclass
@@ -72,19 +70,20 @@ class KTOConfig:
 
 @dataclass
 class DPOConfig:
-    # β: the reward scale of sigmoid/ipo/hinge and of kto (simpo: dpo.simpo.beta; orpo: dpo.orpo.lambda_); > 0.
+    # β: the reward scale of sigmoid/ipo/hinge/apo_zero and of kto (simpo: dpo.simpo.beta; orpo: dpo.orpo.lambda_); > 0.
     beta: float = 0.1
-    # sigmoid (DPO), ipo, hinge: pairs against the frozen reference. simpo, orpo: pairs, no reference model
+    # sigmoid (DPO), ipo, hinge, apo_zero (APO-zero: lifts the chosen answer's own likelihood, for chosen answers
+    # better than the model's; TRL's name): pairs against the frozen reference. simpo, orpo: pairs, no reference model
     # (dpo.simpo / dpo.orpo). kto: unpaired rows {prompt, completion, label} (true = desirable) against the
     # reference, with a KL estimate from mismatched (prompt, completion) pairs in each micro-batch (dpo.kto).
-    loss_type: str = choice("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
+    loss_type: str = choice("sigmoid", "ipo", "hinge", "apo_zero", "simpo", "orpo", "kto")
     # Conservative DPO's label noise (sigmoid, ipo, hinge only).
     label_smoothing: float = 0.0
     # Weight of an NLL term on the chosen response (RPO; with simpo, CPO-SimPO); 0 disables it. Not with orpo
     # (its loss has that term already) or kto (no pairs).
     rpo_alpha: float = 0.0
     max_prompt_length: int = 512
-    # The frozen reference of sigmoid/ipo/hinge/kto; simpo and orpo use none (leave it at its defaults there).
+    # The frozen reference of sigmoid/ipo/hinge/apo_zero/kto; simpo and orpo use none (leave it at its defaults there).
     ref: ReferenceConfig = field(default_factory=ReferenceConfig)
     # loss_type=simpo's hyper-parameters.
     simpo: SimPOConfig = field(default_factory=SimPOConfig)

@@ -5,8 +5,8 @@ add its log-probs to every pair once, so the workers never hold it) → ``run_st
 the recipe and ``objectives.DPOObjective`` from it) → the stage's result. The objective and the pair collation
 are in ``train/objectives.py``.
 
-The loss picks the data and the frozen pass: pairs for sigmoid/ipo/hinge (reference pass), simpo and orpo (no
-reference at all: no pass, no reference columns, no reference model on the workers); unpaired rows
+The loss picks the data and the frozen pass: pairs for sigmoid/ipo/hinge/apo_zero (reference pass), simpo and
+orpo (no reference at all: no pass, no reference columns, no reference model on the workers); unpaired rows
 ``{prompt, completion, label}`` for kto (``data.unpaired``), whose reference pass scores each row's completion and
 its mismatched KL completion through the same actor, laid out as a pair (``pair_layout``).
 """

@@ -114,6 +114,9 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
 
     sigmoid: -log σ(β·Δ) (DPO), with ``label_smoothing`` ε: (1-ε)·that + ε·(-log σ(-β·Δ)) (cDPO);
     ipo: (Δ - 1/(2β))²; hinge: max(0, 1 - β·Δ); where Δ is the chosen-minus-rejected log-ratio margin.
+    apo_zero (APO-zero, D'Oosterlinck et al., 2024; TRL's name): (1 - σ(β·r_c)) + σ(β·r_r) on each side's own
+    log-ratio r: the chosen answer's likelihood is pushed up, not only the gap, for chosen answers better than the
+    model's own (distilled ones), so DPO's drift of every answer's log-prob downwards cannot win the ranking.
     ``logsigmoid`` keeps losses and gradients finite at any margin.
     """
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
@@ -125,8 +128,10 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         losses = (delta - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * delta)
+    elif loss_type == "apo_zero":
+        losses = torch.sigmoid(-beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or hinge")
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo, hinge or apo_zero")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 

@@ -169,7 +169,7 @@ def forward_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
 @dataclass
 class DPOObjective:
     """dDPO on preference pairs, plus TRL's metrics: the preference loss against the reference's log-probs
-    (sigmoid, ipo, hinge), or a reference-free one (simpo, orpo: no reference is loaded or looked up)."""
+    (sigmoid, ipo, hinge, apo_zero), or a reference-free one (simpo, orpo: no reference is loaded or looked up)."""
 
     pad_id: int
     cfg: DPOConfig
