@@ -64,7 +64,7 @@ class Sizes:
     # None: every held-out prompt (the full run); a number: the first ones (--quick)
     eval_limit: int | None = None
     sft_train: int = 96  # dialogues (training side, seeded sample)
-    # pairs (training side, seeded sample): 32 steps of 16, fits 40 minutes on 2 cores (36 min quiet). Held-out
+    # pairs (training side, seeded sample): 32 steps of 16, fits 40 minutes on 2 cores (31 min quiet). Held-out
     # accuracy stays at 0.85-0.88 from 96 to 512 pairs, at 160 or 320 tokens, lr 1e-5 to 1e-4, beta 0.1 or 0.5,
     # with or without rpo_alpha, apo_zero, LoRA (docs/learning.md): the misses are mostly length-mismatched pairs
     dpo_train: int = 512
@@ -74,8 +74,8 @@ class Sizes:
     sft_lora: bool = True
     sft_lr: float = 2e-4
     sft_micro_batch: int = 2
-    # LoRA r=16 at lr 2e-4: 181/206 held out after 256 pairs, full fine-tuning at 3e-5 179 (its log-probs of held-out
-    # answers drift down more, which the summed implicit reward counts against the longer answer); lr 5e-4: 180
+    # LoRA r=16 at lr 2e-4: 181/206 held out after 256 pairs, 178 after 512; full fine-tuning at 3e-5: 179 after 256 or
+    # 512 in 5 minutes more (its log-probs of held-out answers drift down more); LoRA at lr 5e-4: 180 after 256
     dpo_lora: bool = True
     dpo_lr: float = 2e-4
     dpo_micro_batch: int = 4
