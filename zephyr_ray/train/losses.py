@@ -115,8 +115,8 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     sigmoid: -log σ(β·Δ) (DPO), with ``label_smoothing`` ε: (1-ε)·that + ε·(-log σ(-β·Δ)) (cDPO);
     ipo: (Δ - 1/(2β))²; hinge: max(0, 1 - β·Δ); where Δ is the chosen-minus-rejected log-ratio margin.
     apo_zero (APO-zero, D'Oosterlinck et al., 2024; TRL's name): (1 - σ(β·r_c)) + σ(β·r_r) on each side's own
-    log-ratio r: the chosen answer's likelihood is pushed up, not only the gap, for chosen answers better than the
-    model's own (distilled ones), so DPO's drift of every answer's log-prob downwards cannot win the ranking.
+    log-ratio r: the chosen answer's likelihood is pushed up, not only the gap, meant for chosen answers better than
+    the model's own (distilled ones). On the real recipe it did not beat sigmoid (docs/learning.md).
     ``logsigmoid`` keeps losses and gradients finite at any margin.
     """
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
