@@ -166,17 +166,22 @@ def preference_figures(c: dict[str, list[float]], chosen_models: Sequence[str], 
     n = len(chosen_models)
     margin = [beta * ((c["policy_chosen"][i] - c["ref_chosen"][i]) - (c["policy_rejected"][i] - c["ref_rejected"][i]))
               for i in range(n)]
+    # each model's log-prob per answer token, each side (every answer has a token at least: its EOS)
+    per_token = {f"{who}_{side}": [c[f"{who}_{side}"][i] / c[f"{side}_tokens"][i] for i in range(n)]
+                 for who in ("policy", "ref") for side in ("chosen", "rejected")}
     # policy minus reference log-prob per answer token, each side: the drift the summed reward adds up
-    drift = {side: [(c[f"policy_{side}"][i] - c[f"ref_{side}"][i]) / max(c[f"{side}_tokens"][i], 1) for i in range(n)]
+    drift = {side: [per_token[f"policy_{side}"][i] - per_token[f"ref_{side}"][i] for i in range(n)]
              for side in ("chosen", "rejected")}
+
+    def prefers_chosen(chosen: Sequence[float], rejected: Sequence[float]) -> list[bool]:
+        return [x > y for x, y in zip(chosen, rejected)]
+
     measures = {
         "implicit_reward": [m > 0 for m in margin],
-        "implicit_reward_per_token": [drift["chosen"][i] > drift["rejected"][i] for i in range(n)],
-        "reference_logp_summed": [c["ref_chosen"][i] > c["ref_rejected"][i] for i in range(n)],
-        "reference_logp_per_token": [c["ref_chosen"][i] / c["chosen_tokens"][i]
-                                     > c["ref_rejected"][i] / c["rejected_tokens"][i] for i in range(n)],
-        "policy_logp_per_token": [c["policy_chosen"][i] / c["chosen_tokens"][i]
-                                  > c["policy_rejected"][i] / c["rejected_tokens"][i] for i in range(n)],
+        "implicit_reward_per_token": prefers_chosen(drift["chosen"], drift["rejected"]),
+        "reference_logp_summed": prefers_chosen(c["ref_chosen"], c["ref_rejected"]),
+        "reference_logp_per_token": prefers_chosen(per_token["ref_chosen"], per_token["ref_rejected"]),
+        "policy_logp_per_token": prefers_chosen(per_token["policy_chosen"], per_token["policy_rejected"]),
     }
     longer = [c["chosen_tokens"][i] - c["rejected_tokens"][i] for i in range(n)]
     subsets = {"all": range(n), f"{DAVINCI}_preferred": [i for i in range(n) if chosen_models[i] == DAVINCI],
@@ -602,21 +607,17 @@ def print_table(r: dict[str, Any]) -> None:
           f"({a['tokens']} tokens); lower on {_pct(a['prompts_lower_after'])} of prompts")
     z = r["sizes"]
     print(f"(b) dDPO on {f['split']['trained_pairs']} pairs ({r['choices']['dpo']}, {b['train_steps']} steps, beta "
-          f"{z['beta']}, lr {z['dpo_lr']}, RPO alpha {z.get('rpo_alpha', 0.0)}), preference accuracy [Wilson 95%]:")
+          f"{z['beta']}, lr {z['dpo_lr']}, RPO alpha {z['rpo_alpha']}), preference accuracy [Wilson 95%]:")
     print(f"    {'subset':<34}{'implicit reward':<32}{'ref log-prob summed':<32}{'ref log-prob per token':<32}"
           f"{'implicit reward per token':<32}")
     for subset in ("all", f"{DAVINCI}_preferred", "zephyr-7b-beta_preferred", "chosen_longer", "same_length",
                    "chosen_shorter"):
-        if subset not in b:  # results written before the length subsets
-            continue
         x = b[subset]
-        per_token = _pct(x["implicit_reward_per_token"]) if "implicit_reward_per_token" in x else "-"
         print(f"    {subset:<34}{_pct(x['implicit_reward']):<32}{_pct(x['reference_logp_summed']):<32}"
-              f"{_pct(x['reference_logp_per_token']):<32}{per_token:<32}")
-    if "logp_change_per_token" in b["all"]:
-        change = b["all"]["logp_change_per_token"]
-        print(f"    policy - reference log-prob per answer token: chosen {change['chosen']['mean']:+.3f}, rejected "
-              f"{change['rejected']['mean']:+.3f}")
+              f"{_pct(x['reference_logp_per_token']):<32}{_pct(x['implicit_reward_per_token']):<32}")
+    change = b["all"]["logp_change_per_token"]
+    print(f"    policy - reference log-prob per answer token: chosen {change['chosen']['mean']:+.3f}, rejected "
+          f"{change['rejected']['mean']:+.3f}")
     wr, se = c["win_rate"], c["standard_error"]
     print(f"(c) win rate dDPO vs dSFT on {c['judged']}/{c['instructions']} held-out instructions (judge "
           f"{MODEL}, expected mode): {'-' if wr is None else f'{wr:.3f}'} ± "
