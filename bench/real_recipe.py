@@ -66,7 +66,8 @@ class Sizes:
     sft_train: int = 96  # dialogues (training side, seeded sample)
     # pairs (training side, seeded sample): 32 steps of 16, fits 40 minutes on 2 cores (31 min quiet). Held-out
     # accuracy stays at 0.85-0.88 from 96 to 512 pairs, at 160 or 320 tokens, lr 1e-5 to 1e-4, beta 0.1 or 0.5,
-    # with or without rpo_alpha, apo_zero, LoRA (docs/learning.md): the misses are mostly length-mismatched pairs
+    # with or without rpo_alpha, apo_zero, LoRA, length-normalised (0.893 by its own per-token reward) (docs/learning.md):
+    # the misses are mostly davinci-preferred and length-mismatched pairs, the same ones in every setting
     dpo_train: int = 512
     max_length: int = 160  # tokens of a dialogue, in dSFT training and in (a)
     dpo_max_length: int = 160  # tokens of prompt + answer, in dDPO training and in (b)
@@ -82,6 +83,7 @@ class Sizes:
     dpo_accumulation: int = 2
     beta: float = 0.1
     rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL beside the DPO loss (dpo.rpo_alpha)
+    length_normalize: bool = False  # dpo.length_normalize: the reward is β × the log-ratio per answer token
     answer_tokens: int = 48  # (c): max_new_tokens of the dSFT and dDPO answers
     score_tokens: int = 2048  # tokens per forward pass of the in-process scorers
     # The stages also evaluate the held-out rows at their last step (data.eval_path): eval_loss and
@@ -159,25 +161,29 @@ def mean_se(values: Sequence[float]) -> dict[str, float | None]:
             "standard_error": standard_error(values)}
 
 
-def preference_figures(c: dict[str, list[float]], chosen_models: Sequence[str], beta: float) -> dict[str, Any]:
+def preference_figures(c: dict[str, list[float]], chosen_models: Sequence[str], beta: float,
+                       length_normalize: bool = False) -> dict[str, Any]:
     """Per-pair summed log-probs and lengths of policy (``policy_*``) and reference (``ref_*``) → the implicit
     reward's accuracy (summed as DPO and TRL define it, and per answer token) and the reference's own log-prob
-    preference (summed, per token), overall, by who won and by which answer is longer."""
+    preference (summed, per token), overall, by who won and by which answer is longer. ``length_normalize``: the
+    policy was trained on the per-token reward (``dpo.length_normalize``), so that is its implicit reward: the
+    reward margin is β × the per-token one and ``trained_reward`` names the per-token measure."""
     n = len(chosen_models)
-    margin = [beta * ((c["policy_chosen"][i] - c["ref_chosen"][i]) - (c["policy_rejected"][i] - c["ref_rejected"][i]))
-              for i in range(n)]
     # each model's log-prob per answer token, each side (every answer has a token at least: its EOS)
     per_token = {f"{who}_{side}": [c[f"{who}_{side}"][i] / c[f"{side}_tokens"][i] for i in range(n)]
                  for who in ("policy", "ref") for side in ("chosen", "rejected")}
     # policy minus reference log-prob per answer token, each side: the drift the summed reward adds up
     drift = {side: [per_token[f"policy_{side}"][i] - per_token[f"ref_{side}"][i] for i in range(n)]
              for side in ("chosen", "rejected")}
+    summed = [(c["policy_chosen"][i] - c["ref_chosen"][i]) - (c["policy_rejected"][i] - c["ref_rejected"][i])
+              for i in range(n)]
+    margin = [beta * (drift["chosen"][i] - drift["rejected"][i] if length_normalize else summed[i]) for i in range(n)]
 
     def prefers_chosen(chosen: Sequence[float], rejected: Sequence[float]) -> list[bool]:
         return [x > y for x, y in zip(chosen, rejected)]
 
     measures = {
-        "implicit_reward": [m > 0 for m in margin],
+        "implicit_reward": [m > 0 for m in summed],
         "implicit_reward_per_token": prefers_chosen(drift["chosen"], drift["rejected"]),
         "reference_logp_summed": prefers_chosen(c["ref_chosen"], c["ref_rejected"]),
         "reference_logp_per_token": prefers_chosen(per_token["ref_chosen"], per_token["ref_rejected"]),
@@ -191,7 +197,7 @@ def preference_figures(c: dict[str, list[float]], chosen_models: Sequence[str], 
                "chosen_longer": [i for i in range(n) if longer[i] > 0],
                "same_length": [i for i in range(n) if longer[i] == 0],
                "chosen_shorter": [i for i in range(n) if longer[i] < 0]}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"trained_reward": "implicit_reward_per_token" if length_normalize else "implicit_reward"}
     for subset, idx in subsets.items():
         out[subset] = {name: proportion([hits[i] for i in idx]) for name, hits in measures.items()}
         out[subset]["reward_margin"] = mean_se([margin[i] for i in idx])
@@ -335,7 +341,7 @@ def dpo_overlay(s: Sizes, model: Path, data: Path, out: Path, eval_path: Path | 
                       # No warmup: with 8 steps, a 10% warmup spends the first step at lr 0.
                       "gradient_accumulation_steps": s.dpo_accumulation, "lr": s.dpo_lr, "warmup_ratio": 0.0,
                       "precision": "fp32", "checkpoint_every": 10_000, "eval_every": 10_000},
-            "dpo": {"beta": s.beta, "loss_type": "sigmoid", "rpo_alpha": s.rpo_alpha,
+            "dpo": {"beta": s.beta, "loss_type": "sigmoid", "rpo_alpha": s.rpo_alpha, "length_normalize": s.length_normalize,
                     "max_prompt_length": s.max_prompt_length,
                     "ref": {"mode": "precompute", "path": None}},
             "run": {"name": "real-dpo", "output_dir": str(out)}, "wandb": {"enabled": False}}
@@ -552,14 +558,16 @@ def run(a: argparse.Namespace) -> None:
     per_pair = {"ref_chosen": ref["chosen"], "ref_rejected": ref["rejected"], "policy_chosen": pol["chosen"],
                 "policy_rejected": pol["rejected"], "chosen_tokens": ref["chosen_tokens"],
                 "rejected_tokens": ref["rejected_tokens"]}
-    figures["b_dpo"] = {**preference_figures(per_pair, [r["chosen_model"] for r in held["pairs"]], s.beta),
+    figures["b_dpo"] = {**preference_figures(per_pair, [r["chosen_model"] for r in held["pairs"]], s.beta,
+                                             s.length_normalize),
                         "train_steps": dpo.steps, "train_data": stage_data(dpo.output_dir),
                         "train_last": {k: v for k, v in dpo.final_metrics.items()
                                        if k.startswith(("loss", "rewards/"))}}
     if s.stage_eval:
         stage = {k: dpo.final_metrics[f"eval_rewards/{k}"] for k in ("accuracies", "margins")}
         figures["b_dpo"]["stage_eval"] = stage
-        check_close("(b) accuracy", figures["b_dpo"]["all"]["implicit_reward"]["rate"], stage["accuracies"])
+        trained = figures["b_dpo"]["trained_reward"]
+        check_close("(b) accuracy", figures["b_dpo"]["all"][trained]["rate"], stage["accuracies"])
         check_close("(b) reward margin", figures["b_dpo"]["all"]["reward_margin"]["mean"], stage["margins"])
 
     with phases("(c) win rate dDPO vs dSFT (run_eval)"):
@@ -607,8 +615,9 @@ def print_table(r: dict[str, Any]) -> None:
           f"({a['tokens']} tokens); lower on {_pct(a['prompts_lower_after'])} of prompts")
     z = r["sizes"]
     print(f"(b) dDPO on {f['split']['trained_pairs']} pairs ({r['choices']['dpo']}, {b['train_steps']} steps, beta "
-          f"{z['beta']}, lr {z['dpo_lr']}, RPO alpha {z['rpo_alpha']}), preference accuracy [Wilson 95%]:")
-    print(f"    {'subset':<34}{'implicit reward':<32}{'ref log-prob summed':<32}{'ref log-prob per token':<32}"
+          f"{z['beta']}, lr {z['dpo_lr']}, RPO alpha {z['rpo_alpha']}, length-normalised {z['length_normalize']}), "
+          f"preference accuracy [Wilson 95%]; the trained loss's implicit reward is {b['trained_reward']}:")
+    print(f"    {'subset':<34}{'implicit reward summed':<32}{'ref log-prob summed':<32}{'ref log-prob per token':<32}"
           f"{'implicit reward per token':<32}")
     for subset in ("all", f"{DAVINCI}_preferred", "zephyr-7b-beta_preferred", "chosen_longer", "same_length",
                    "chosen_shorter"):

@@ -59,6 +59,9 @@ def test_tiny_configs_load_with_the_papers_defaults():
     ("dpo_simpo", "dpo.label_smoothing=0.1", "dpo.label_smoothing=0.1: applies to sigmoid, ipo and hinge only"),
     ("dpo_kto", "train.micro_batch_size=1", "train.micro_batch_size=1: loss_type=kto estimates its KL term"),
     ("dpo", "dpo.loss_type=kpo", "loss_type='kpo' is not valid"),
+    ("dpo_simpo", "dpo.length_normalize=true",
+     "dpo.length_normalize=True: applies to sigmoid, ipo, hinge and apo_zero, not loss_type=simpo: its log-probs"),
+    ("dpo_kto", "dpo.length_normalize=true", "dpo.length_normalize=True: applies to sigmoid, ipo, hinge and apo_zero"),
 ])
 def test_bad_loss_settings_are_config_errors(name, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.").replace("+", r"\+")):
@@ -96,6 +99,32 @@ def test_reference_free_objectives_load_no_reference_and_match_the_losses(loss, 
         avg0 = logps[0].item() / len(rows[0]["chosen_ids"])
         assert (logps[:n] / counts[:n] * 2.0).sum().item() == pytest.approx(extras["rewards/chosen"].item(), rel=1e-6)
         assert avg0 < 0
+
+
+def test_length_normalized_dpo_rewards_the_log_ratio_per_answer_token(tiny_model, tokenizer):
+    cfg = _recipe("dpo", "dpo.length_normalize=true", "dpo.beta=0.5")
+    objective = build_objective(cfg, tokenizer.pad_token_id, False, model_path=tiny_model)
+    rows, _ = preference_examples(sample_preferences(4, seed=5), tokenizer, cfg.data, cfg.dpo.max_prompt_length)
+    model = load_model(tiny_model).eval()
+    with torch.no_grad():
+        logps, counts, _ = forward_logps(model, objective.collate(_columns(rows)))
+    n = len(rows)
+    assert len(set(counts.tolist())) > 2  # answers of different lengths: a summed reward would differ per pair
+    # A reference whose log-probs lie 0.3 nats per token below the policy's on every chosen answer and equal on
+    # every rejected one: each pair's reward is β·0.3 = 0.15 on chosen, 0 on rejected, whatever its lengths.
+    ref = {REF_COLUMNS[0]: (logps[:n] - 0.3 * counts[:n]).tolist(), REF_COLUMNS[1]: logps[n:].tolist()}
+    with torch.no_grad():
+        loss_value, extras = objective.loss(model, objective.collate({**_columns(rows), **ref}))
+    assert loss_value.item() == pytest.approx(n * math.log1p(math.exp(-0.15)), rel=1e-5)
+    assert extras["rewards/chosen"].item() == pytest.approx(n * 0.15, rel=1e-4)
+    assert extras["rewards/rejected"].item() == pytest.approx(0, abs=1e-5)
+    assert extras["rewards/accuracies"].item() == n
+    assert extras["logps/chosen"].item() == pytest.approx(logps[:n].sum().item(), rel=1e-6)  # still summed
+    # Unnormalised, the same columns give each pair β·0.3·|chosen|.
+    plain = build_objective(_recipe("dpo", "dpo.beta=0.5"), tokenizer.pad_token_id, False, model_path=tiny_model)
+    with torch.no_grad():
+        _, extras = plain.loss(model, plain.collate({**_columns(rows), **ref}))
+    assert extras["rewards/chosen"].item() == pytest.approx(0.15 * counts[:n].sum().item(), rel=1e-4)
 
 
 def test_kto_objective_against_itself_is_half_per_row_and_summarizes_per_label(tiny_model, tokenizer):

@@ -222,6 +222,10 @@ def test_dpo_card_of_a_local_lora_model_names_no_base_model():
     assert "| reference model | the initial model (frozen) (log-probs: precompute) |" in lines
     assert "| /runs/x/aif/pairs.jsonl (split train) | training | n/a | n/a | n/a | n/a | n/a |" in lines
     assert "No metrics were logged." in lines and "![training curves](curves.png)" not in card
+    cfg.dpo.length_normalize = True  # it changes what the reward is: the card says so
+    card = stage_card("dpo", to_dict(cfg), None, [], "me/zephyr-dpo", curves=False)
+    assert "| DPO loss | sigmoid, beta 0.1, label smoothing 0, length-normalised (reward per answer token) |" in \
+        card.splitlines()
 
 
 SUMMARY = {

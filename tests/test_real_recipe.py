@@ -113,6 +113,13 @@ def test_preference_figures_by_hand(rr):
     assert out["chosen_longer"]["logp_change_per_token"]["chosen"]["mean"] == pytest.approx(-2 / 30)
     # per token the ranking compares those changes: 0.1 > -0.1 yes, -2/30 > 0.1 no, 0 > -0.5 yes
     assert out["all"]["implicit_reward_per_token"]["k"] == 2
+    assert out["trained_reward"] == "implicit_reward"
+    # trained length-normalised, the reward margin is β times those per-token differences: 0.1 * (0.2, -1/6, 0.5)
+    norm = rr.preference_figures(per_pair, ["zephyr-7b-beta", "zephyr-7b-beta", rr.DAVINCI], beta=0.1,
+                                 length_normalize=True)
+    assert norm["trained_reward"] == "implicit_reward_per_token"
+    assert norm["all"]["reward_margin"]["mean"] == pytest.approx(0.1 * (0.2 - 1 / 6 + 0.5) / 3)
+    assert norm["all"]["implicit_reward"] == out["all"]["implicit_reward"]  # the summed measure is still reported
     # a long chosen answer that fell 0.1 per token against a short rejected one that fell 0.5: summed, the
     # rejected one wins (-10 < -2); per token, the chosen one
     drift = {"policy_chosen": [-60.0], "ref_chosen": [-50.0], "policy_rejected": [-7.0], "ref_rejected": [-5.0],

@@ -120,7 +120,8 @@ def recipe_rows(recipe: Mapping[str, Any], stage: str, steps: int | None = None,
         p = recipe["dpo"]
         ref = p["ref"].get("path") or "the initial model (frozen)"
         rows += [["DPO loss", f"{p['loss_type']}, beta {_fmt(p['beta'])}, label smoothing {_fmt(p['label_smoothing'])}"
-                              + (f", RPO alpha {_fmt(p['rpo_alpha'])}" if p.get("rpo_alpha") else "")],
+                              + (f", RPO alpha {_fmt(p['rpo_alpha'])}" if p.get("rpo_alpha") else "")
+                              + (", length-normalised (reward per answer token)" if p.get("length_normalize") else "")],
                  ["reference model", f"{ref} (log-probs: {p['ref']['mode']})"],
                  ["max prompt length", p["max_prompt_length"]]]
     distill = recipe.get("distill") or {}

@@ -82,6 +82,10 @@ class DPOConfig:
     # Weight of an NLL term on the chosen response (RPO; with simpo, CPO-SimPO); 0 disables it. Not with orpo
     # (its loss has that term already) or kto (no pairs).
     rpo_alpha: float = 0.0
+    # Divide each answer's policy and reference log-probs by its token count before sigmoid/ipo/hinge/apo_zero: the
+    # implicit reward becomes β × the mean log-ratio per answer token, so an answer's length no longer scales its
+    # reward (length-normalised DPO, Tulu 3's dpo_norm). β then acts per token: ~10-50× the summed scale (Tulu 3: 5).
+    length_normalize: bool = False
     max_prompt_length: int = 512
     # The frozen reference of sigmoid/ipo/hinge/apo_zero/kto; simpo and orpo use none (leave it at its defaults there).
     ref: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -113,6 +117,10 @@ class DPOConfig:
         if self.rpo_alpha and self.loss_type in ("orpo", "kto"):
             why = "orpo's loss has the chosen answer's NLL already" if self.loss_type == "orpo" else "kto has no pairs"
             out.append(("rpo_alpha", f"not with loss_type={self.loss_type}: {why}"))
+        if self.length_normalize and self.loss_type in ("simpo", "orpo", "kto"):
+            why = "its log-probs are per token already" if self.loss_type != "kto" else "kto scores unpaired rows"
+            out.append(("length_normalize", f"applies to sigmoid, ipo, hinge and apo_zero, not loss_type="
+                                            f"{self.loss_type}: {why}"))
         return out
 
 

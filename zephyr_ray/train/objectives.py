@@ -233,7 +233,9 @@ class DPOObjective:
             losses, extras = orpo_loss(chosen, rejected, lengths[:n], lengths[n:], lambda_=c.orpo.lambda_)
         else:
             ref = self.reference_logps(model, batch, logps)
-            losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref[:n], ref[n:], beta=c.beta,
+            policy = logps / lengths if c.length_normalize else logps  # per answer token: rewards alike
+            ref = ref / lengths if c.length_normalize else ref
+            losses, r_chosen, r_rejected = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=c.beta,
                                                            loss_type=c.loss_type, label_smoothing=c.label_smoothing)
             extras = {
                 "rewards/chosen": r_chosen.sum(), "rewards/rejected": r_rejected.sum(),
