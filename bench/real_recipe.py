@@ -593,9 +593,59 @@ def run(a: argparse.Namespace) -> None:
                "sizes": dataclasses.asdict(s), "model": MODEL,
                "choices": {"sft": "LoRA r=16" if s.sft_lora else "full", "dpo": "LoRA r=16" if s.dpo_lora else "full",
                            "interval": "Wilson score, 95%", "win_rate_se": "sample SD over instructions / sqrt(n)"},
-               "figures": figures, "phases": phases.times, "wall_s": round(elapsed, 1), **phases.totals()}
+               "figures": figures, "phases": phases.times, "wall_s": round(elapsed, 1), **phases.totals(),
+               "table": learning_table(figures, elapsed)}
     print_table(payload)
     finish_session(session, payload, a.out)
+
+
+# The issue's goals for the full run: (b)'s accuracy by the trained loss's own implicit reward, and the wall time.
+GOAL_ACCURACY = 0.90
+GOAL_WALL_MIN = 40.0
+TABLE_COLUMNS = [("figure", "figure", ""), ("value", "value", ""), ("interval", "95% interval / SE", ""),
+                 ("goal", "goal", "")]
+
+
+def learning_table(figures: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The run's figures as the generic ``table`` that bench/report.py renders into docs/benchmarks.md."""
+    a, b, c = figures["a_sft"], figures["b_dpo"], figures["c_win_rate"]
+
+    def share(p: dict[str, Any]) -> tuple[str, str]:
+        if p["rate"] is None:
+            return "-", "-"
+        return f"{p['rate']:.3f} ({p['k']}/{p['n']})", f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+
+    def met(ok: bool, goal: str) -> str:
+        return f"{goal}: {'met' if ok else 'not met'}"
+
+    trained = b.get("trained_reward", "implicit_reward")  # results before length_normalize: the summed reward
+    reward = {"implicit_reward": "summed", "implicit_reward_per_token": "per answer token"}[trained]
+    rows = [{"figure": "(a) held-out NLL/token of GPT-4's answers, before -> after dSFT",
+             "value": f"{a['nll_before']:.3f} -> {a['nll_after']:.3f} ({a['tokens']} tokens)", "interval": "",
+             "goal": met(a["nll_after"] < a["nll_before"], "lower")},
+            {"figure": "(a) prompts whose NLL fell", **dict(zip(("value", "interval"), share(a["prompts_lower_after"]))),
+             "goal": ""}]
+    accuracy = b["all"][trained]
+    rows.append({"figure": f"(b) held-out preference accuracy, the trained loss's implicit reward ({reward})",
+                 **dict(zip(("value", "interval"), share(accuracy))),
+                 "goal": met(accuracy["rate"] is not None and accuracy["rate"] >= GOAL_ACCURACY, f">= {GOAL_ACCURACY}")})
+    for name, subset, measure in [
+            (f"(b) the same, pairs where GPT-4 preferred {DAVINCI}", f"{DAVINCI}_preferred", trained),
+            ("(b) the same, pairs where GPT-4 preferred zephyr-7b-beta", "zephyr-7b-beta_preferred", trained),
+            ("(b) implicit reward, summed", "all", "implicit_reward"),
+            ("(b) implicit reward, per answer token", "all", "implicit_reward_per_token"),
+            ("(b) the reference's own log-prob preference, summed", "all", "reference_logp_summed"),
+            ("(b) the reference's own log-prob preference, per token", "all", "reference_logp_per_token")]:
+        if measure == trained and subset == "all":
+            continue
+        rows.append({"figure": name, **dict(zip(("value", "interval"), share(b[subset][measure]))), "goal": ""})
+    wr, se = c["win_rate"], c["standard_error"]
+    rows.append({"figure": f"(c) win rate dDPO vs dSFT, {c['judged']} instructions (W/T/L {c['wins']}/{c['ties']}/"
+                           f"{c['losses']})", "value": "-" if wr is None else f"{wr:.3f}",
+                 "interval": "-" if se is None else f"± {se:.3f} (SE)", "goal": ""})
+    rows.append({"figure": "wall time (min)", "value": f"{wall_s / 60:.1f}", "interval": "",
+                 "goal": met(wall_s / 60 <= GOAL_WALL_MIN, f"<= {GOAL_WALL_MIN:.0f}")})
+    return {"columns": TABLE_COLUMNS, "rows": rows}
 
 
 def _pct(p: dict[str, Any]) -> str:

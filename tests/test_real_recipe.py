@@ -128,6 +128,40 @@ def test_preference_figures_by_hand(rr):
     assert (one["implicit_reward"]["k"], one["implicit_reward_per_token"]["k"]) == (0, 1)
 
 
+def test_learning_table_reports_the_trained_reward_against_the_goals(rr):
+    per_pair = {"policy_chosen": [-10.0, -30.0, -8.0], "policy_rejected": [-12.0, -20.0, -9.0],
+                "ref_chosen": [-11.0, -28.0, -8.0], "ref_rejected": [-11.0, -21.0, -7.0],
+                "chosen_tokens": [10, 30, 2], "rejected_tokens": [10, 10, 4]}
+    models = ["zephyr-7b-beta", "zephyr-7b-beta", rr.DAVINCI]
+    nll = rr.nll_figures([(20.0, 10), (30.0, 10)], [(18.0, 10), (31.0, 10)])
+    win = {"judged": 3, "wins": 1, "ties": 1, "losses": 1, "win_rate": 0.5, "standard_error": 0.2}
+
+    def table(length_normalize: bool, wall_s: float) -> dict[str, dict]:
+        b = rr.preference_figures(per_pair, models, beta=0.1, length_normalize=length_normalize)
+        rows = rr.learning_table({"a_sft": nll, "b_dpo": b, "c_win_rate": win}, wall_s)["rows"]
+        return {r["figure"]: r for r in rows}
+
+    summed = table(False, 1800.0)
+    head = summed["(b) held-out preference accuracy, the trained loss's implicit reward (summed)"]
+    assert (head["value"], head["goal"]) == ("0.667 (2/3)", ">= 0.9: not met")  # margins 0.2, -0.3, 0.2
+    assert "(b) implicit reward, summed" not in summed  # the headline row already is the summed reward
+    assert summed["(b) implicit reward, per answer token"]["value"] == "0.667 (2/3)"
+    assert summed[f"(b) the same, pairs where GPT-4 preferred {rr.DAVINCI}"]["value"] == "1.000 (1/1)"
+    assert summed["(b) the reference's own log-prob preference, summed"]["value"] == "0.000 (0/3)"
+    # NLL 2.5 -> 2.45 per token; one of two prompts fell (2.0 -> 1.8; 3.0 -> 3.1)
+    a = summed["(a) held-out NLL/token of GPT-4's answers, before -> after dSFT"]
+    assert (a["value"], a["goal"]) == ("2.500 -> 2.450 (20 tokens)", "lower: met")
+    assert summed["(a) prompts whose NLL fell"]["value"] == "0.500 (1/2)"
+    assert summed["(c) win rate dDPO vs dSFT, 3 instructions (W/T/L 1/1/1)"]["interval"] == "± 0.200 (SE)"
+    assert summed["wall time (min)"] == {"figure": "wall time (min)", "value": "30.0", "interval": "",
+                                         "goal": "<= 40: met"}
+    normalised = table(True, 2460.0)
+    assert "(b) held-out preference accuracy, the trained loss's implicit reward (per answer token)" in normalised
+    assert "(b) implicit reward, per answer token" not in normalised
+    assert normalised["(b) implicit reward, summed"]["value"] == "0.667 (2/3)"
+    assert normalised["wall time (min)"]["goal"] == "<= 40: not met"
+
+
 def test_nll_figures_by_hand(rr):
     # the third prompt filled max_length alone: no answer token, left out of the per-prompt figures
     before, after = [(20.0, 10), (6.0, 2), (0.0, 0)], [(15.0, 10), (7.0, 2), (0.0, 0)]
