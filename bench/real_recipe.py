@@ -606,28 +606,29 @@ TABLE_COLUMNS = [("figure", "figure", ""), ("value", "value", ""), ("interval", 
                  ("goal", "goal", "")]
 
 
+def share(p: dict[str, Any]) -> dict[str, str]:
+    """A ``proportion`` as a table's value and interval cells."""
+    if p["rate"] is None:
+        return {"value": "-", "interval": "-"}
+    return {"value": f"{p['rate']:.3f} ({p['k']}/{p['n']})", "interval": f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"}
+
+
 def learning_table(figures: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """The run's figures as the generic ``table`` that bench/report.py renders into docs/benchmarks.md."""
     a, b, c = figures["a_sft"], figures["b_dpo"], figures["c_win_rate"]
 
-    def share(p: dict[str, Any]) -> tuple[str, str]:
-        if p["rate"] is None:
-            return "-", "-"
-        return f"{p['rate']:.3f} ({p['k']}/{p['n']})", f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
-
     def met(ok: bool, goal: str) -> str:
         return f"{goal}: {'met' if ok else 'not met'}"
 
-    trained = b.get("trained_reward", "implicit_reward")  # results before length_normalize: the summed reward
+    trained = b["trained_reward"]
     reward = {"implicit_reward": "summed", "implicit_reward_per_token": "per answer token"}[trained]
     rows = [{"figure": "(a) held-out NLL/token of GPT-4's answers, before -> after dSFT",
              "value": f"{a['nll_before']:.3f} -> {a['nll_after']:.3f} ({a['tokens']} tokens)", "interval": "",
              "goal": met(a["nll_after"] < a["nll_before"], "lower")},
-            {"figure": "(a) prompts whose NLL fell", **dict(zip(("value", "interval"), share(a["prompts_lower_after"]))),
-             "goal": ""}]
+            {"figure": "(a) prompts whose NLL fell", **share(a["prompts_lower_after"]), "goal": ""}]
     accuracy = b["all"][trained]
     rows.append({"figure": f"(b) held-out preference accuracy, the trained loss's implicit reward ({reward})",
-                 **dict(zip(("value", "interval"), share(accuracy))),
+                 **share(accuracy),
                  "goal": met(accuracy["rate"] is not None and accuracy["rate"] >= GOAL_ACCURACY, f">= {GOAL_ACCURACY}")})
     for name, subset, measure in [
             (f"(b) the same, pairs where GPT-4 preferred {DAVINCI}", f"{DAVINCI}_preferred", trained),
@@ -638,7 +639,7 @@ def learning_table(figures: dict[str, Any], wall_s: float) -> dict[str, Any]:
             ("(b) the reference's own log-prob preference, per token", "all", "reference_logp_per_token")]:
         if measure == trained and subset == "all":
             continue
-        rows.append({"figure": name, **dict(zip(("value", "interval"), share(b[subset][measure]))), "goal": ""})
+        rows.append({"figure": name, **share(b[subset][measure]), "goal": ""})
     wr, se = c["win_rate"], c["standard_error"]
     rows.append({"figure": f"(c) win rate dDPO vs dSFT, {c['judged']} instructions (W/T/L {c['wins']}/{c['ties']}/"
                            f"{c['losses']})", "value": "-" if wr is None else f"{wr:.3f}",
@@ -649,10 +650,8 @@ def learning_table(figures: dict[str, Any], wall_s: float) -> dict[str, Any]:
 
 
 def _pct(p: dict[str, Any]) -> str:
-    if p["rate"] is None:
-        return "-"
-    lo, hi = p["ci95"]
-    return f"{p['rate']:.3f} [{lo:.2f}, {hi:.2f}] ({p['k']}/{p['n']})"
+    cells = share(p)
+    return "-" if p["rate"] is None else f"{cells['value']} {cells['interval']}"
 
 
 def print_table(r: dict[str, Any]) -> None:
