@@ -1,5 +1,6 @@
-"""``ray job submit`` end to end: a token-authenticated local head started by the test, one generate job
-uploaded as a working_dir, and only that head stopped afterwards.
+"""``ray job submit`` end to end: a token-authenticated local head started by the test, the pipeline job uploaded
+as a working_dir (its driver killed -9, then the run resubmitted with ``--resume``), and only that head stopped
+afterwards.
 
 Token auth (Ray >= 2.52; turned on by default for local clusters in 2.59+): ``RAY_AUTH_MODE=token`` must be
 set on every process, cluster and CLI alike, and each of them looks the token up in ``RAY_AUTH_TOKEN``, then
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,33 +143,101 @@ def _status(job: str, out: str) -> str:
     return ""
 
 
-# One job is enough to cover `ray job submit` / status / logs against a token-auth head: the pipeline's, below
-# (it runs every stage as the job; a stage's own job entrypoint is the same thin wrapper).
+def _poll(head: Head, job: str, until, deadline: float, every: float = 10.0) -> str:
+    """Wait for ``until()`` while the job runs; ``ray job status`` (a second of CPU each) every ``every`` s.
+    The job's final state, or "" while it still runs."""
+    checked = time.monotonic()
+    while time.monotonic() < deadline and not until():
+        if time.monotonic() - checked > every:
+            checked = time.monotonic()
+            status = head.ray("job", "status", "--address", head.dashboard, job)
+            if state := _status(job, status.stdout + status.stderr):
+                return state
+        time.sleep(0.1)
+    return ""
 
 
-def test_the_pipeline_job_with_a_relative_runs_dir_writes_under_the_persistent_base(ray_head: Head, tmp_path):
-    """The README's ``ray job submit ... -- python jobs/pipeline.py``: the job's working directory is Ray's
-    per-session copy (deleted with the session), so the relative ``pipeline.runs_dir`` resolves against
-    ``ZEPHYR_RAY_BASE`` instead, which the driver prints; the run's results and the printed chat line are there.
-    Every stage at its smallest (one step, one or two prompts, a few tokens)."""
+# One pipeline run covers `ray job submit` / status / logs against a token-auth head and the recipe end to end
+# (a stage's own job entrypoint is the same thin wrapper): the suite's only full pipeline run.
+
+
+def test_the_pipeline_job_killed_mid_dsft_resumes_as_a_job_and_runs_the_recipe_under_the_persistent_base(
+        ray_head: Head, tmp_path):
+    """The README's ``ray job submit ... -- python jobs/pipeline.py``, and a kill -9 of the job's driver (its
+    process group: the driver and what it started) once dSFT has a complete checkpoint; the job fails, and
+    resubmitting with ``--resume runs/<id>`` (relative: the job's working directory is Ray's per-session copy,
+    so run paths resolve against ``ZEPHYR_RAY_BASE``, which the driver prints) continues dSFT from its newest
+    complete checkpoint and runs AIF, dDPO and evaluation on the tiny recipe, each stage at its smallest."""
+    import psutil
+
+    from zephyr_ray.tracking import read_metrics
+    from zephyr_ray.train.loop import COMPLETE, newest_complete
+
+    from .test_pipeline import SMALL
+
     base = tmp_path / "base"
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"ZEPHYR_RAY_BASE": str(base)}}
-    small = ["pipeline.runs_dir=runs", "wandb.mode=disabled", "sft.train.max_steps=1", "sft.data.limit=16",
-             "aif.prompts.limit=2", "aif.sampling.max_new_tokens=4", "dpo.train.max_steps=1",
-             "eval.mt_bench.limit=1", "eval.mt_bench.sampling.max_new_tokens=4", "eval.alpaca_eval.limit=1",
-             "eval.alpaca_eval.sampling.max_new_tokens=4", "eval.judge.sampling.max_new_tokens=4"]
-    submit = ray_head.ray(
-        "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/pipeline.py", "--config",
-        "configs/tiny/pipeline.yaml", *small, timeout=2 * JOB_TIMEOUT_S,
-    )
-    out = submit.stdout + submit.stderr
-    assert submit.returncode == 0 and _status(_job_id(out), out) == "SUCCEEDED", out[-4000:]
-    assert f"relative run and output paths resolve against {base}" in out
+    job = ["--address", ray_head.dashboard, "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env)]
+    overrides = ["pipeline.runs_dir=runs", *SMALL, "sft.train.max_steps=8", "sft.train.checkpoint_every=2",
+                 "sft.run.max_failures=0"]
+    submit = ray_head.ray("job", "submit", "--no-wait", *job, "--", "python", "jobs/pipeline.py", "--config",
+                          "configs/tiny/pipeline.yaml", *overrides)
+    first = _job_id(submit.stdout + submit.stderr)
+    deadline = time.monotonic() + 2 * JOB_TIMEOUT_S
+    checkpointed = lambda: any(base.glob(f"runs/*/sft/ray/*/checkpoints/step_{2:08d}/{COMPLETE}"))  # noqa: E731
+    assert _poll(ray_head, first, checkpointed, deadline) == "" and checkpointed(), "no dSFT checkpoint in time"
+    [driver] = [p for p in _cluster_processes(ray_head.temp_dir, ray_head.gcs_port)
+                if "jobs/pipeline.py" in " ".join(p.cmdline()) and p.name().startswith("python")]
+    os.killpg(os.getpgid(driver.pid), signal.SIGKILL)
     [run] = list((base / "runs").iterdir())
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert {name: st["status"] for name, st in manifest["stages"].items()} == dict.fromkeys(
-        ["sft", "aif", "dpo", "eval"], "done")
-    assert (run / "summary.json").is_file() and (run / "eval" / "results.json").is_file()
-    assert (run / "dpo" / "model" / "config.json").is_file()
+    assert json.loads((run / "manifest.json").read_text())["stages"]["sft"]["status"] == "running"  # no last word
+    assert _poll(ray_head, first, lambda: False, deadline, every=2) == "FAILED"
+
+    def train_workers() -> list[psutil.Process]:
+        return [p for p in _cluster_processes(ray_head.temp_dir, ray_head.gcs_port)
+                if "RayTrainWorker" in " ".join(p.cmdline())]
+    while train_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)  # Ray ends the dead driver's job: its workers go (they may finish one more checkpoint)
+    on_disk = newest_complete(str(next(run.glob("sft/ray/*/checkpoints"))))[0]
+    assert on_disk >= 2
+
+    resume = ray_head.ray("job", "submit", *job, "--", "python", "jobs/pipeline.py", "--resume",
+                          f"runs/{run.name}", timeout=2 * JOB_TIMEOUT_S)
+    out = resume.stdout + resume.stderr
+    assert resume.returncode == 0 and _status(_job_id(out), out) == "SUCCEEDED", out[-4000:]
+    assert f"relative run and output paths resolve against {base}" in out
+    assert list((base / "runs").iterdir()) == [run]  # the same run continued, not a new one
+
+    m = json.loads((run / "manifest.json").read_text())
+    assert all(m["stages"][s]["status"] == "done" for s in ("sft", "aif", "dpo", "eval"))
+    assert m["stages"]["sft"]["attempts"] == 2 and m["stages"]["dpo"]["attempts"] == 1 and m["resumed"]
+    restarts = [json.loads(line) for line in (run / "sft" / "restarts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in restarts] == [on_disk]  # the newest complete checkpoint, not an older one
+    assert [x["step"] for x in read_metrics(run / "sft")] == list(range(1, 9))  # each step once
+
+    # The rest of the recipe, chained through the earlier artifacts.
+    sft_model = Path(m["stages"]["sft"]["artifacts"]["model"])
+    pairs = [json.loads(line) for line in Path(m["stages"]["aif"]["artifacts"]["pairs"]).read_text().splitlines()]
+    assert len(pairs) == m["stages"]["aif"]["artifacts"]["count"] > 0
+    assert {r["chosen_model"] for r in pairs} | {r["rejected_model"] for r in pairs} <= {"tiny-a", "tiny-b", "tiny-c", "dsft"}
+    assert list((run / "aif" / "completions" / "dsft").glob("part-*.parquet"))  # the dSFT model answered
+    assert m["versions"]["deepspeed"] and m["config"]["sft"]["train"]["max_steps"] == 8
+    # dDPO started from the dSFT model, which was also its reference, and trained on the AIF pairs.
+    dpo_cfg = json.loads((run / "dpo" / "config.json").read_text())
+    assert dpo_cfg["model"]["path"] == str(sft_model) and dpo_cfg["dpo"]["ref"]["path"] is None
+    assert dpo_cfg["data"]["path"] == m["stages"]["aif"]["artifacts"]["pairs"]
+    for png in ("sft/curves.png", "dpo/curves.png", "eval/mt_bench_radar.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG", png
+    assert (run / "eval" / "results.json").is_file() and (run / "dpo" / "model" / "config.json").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    dpo_steps = json.loads((run / "dpo" / "data_report.json").read_text())["total_steps"]
+    assert summary["sft"]["steps"] == 8 and summary["dpo"]["step"] == dpo_steps >= 1
+    assert set(summary["eval"]["mt_bench"]) == {"dsft", "ddpo"} and set(summary["eval"]["win_rate"]) == {"dsft", "ddpo"}
+    assert summary["dpo"]["rewards/accuracies"] is not None
+    # The printed summary: the tiny pipeline's random judge scores in expected mode, so every number is there
+    # and says how it was made; the last line names the model to chat with.
+    assert "MT-Bench" in out and "win rate vs tiny-reference" in out and "expected: probability-weighted" in out
+    assert summary["eval"]["judge_mode"] == "expected"
+    assert all(s["overall"] is not None and s["parse_failures"] == 0 for s in summary["eval"]["mt_bench"].values())
+    assert all(s["win_rate"] is not None for s in summary["eval"]["win_rate"].values())
     assert f"zephyr-ray chat --model {run / 'dpo' / 'model'}" in out

@@ -184,7 +184,8 @@ SMALL = ["sft.train.epochs=1", "sft.train.max_steps=6", "aif.prompts.limit=8", "
          "eval.judge.max_attempts=1", "wandb.mode=offline"]
 
 
-# The recipe end to end (with a kill -9 of the driver and --resume) is tests/test_faults.py's pipeline test.
+# The recipe end to end (a Ray job whose driver is killed -9 mid-dSFT, then resubmitted with --resume) is
+# tests/test_jobs.py's pipeline test.
 
 @pytest.mark.ray
 def test_an_interrupted_stage_is_marked_failed_and_resume_redoes_only_it(ray_cluster, tmp_path, monkeypatch):
