@@ -449,26 +449,13 @@ def check_close(what: str, ours: float, stage: float, tol: float = 2e-3) -> None
 
 
 def overridden(s: Sizes, assignments: Sequence[str]) -> Sizes:
-    """``s`` with ``name=value`` assignments (``--set``), each value read as its field's type (``none``: None)."""
-    fields = {f.name: f for f in dataclasses.fields(Sizes)}
-    changes: dict[str, Any] = {}
-    for assignment in assignments:
-        name, sep, text = assignment.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {assignment!r}: expected NAME=VALUE with NAME one of {sorted(fields)}")
-        default = getattr(FULL, name)
-        if text.lower() == "none":
-            changes[name] = None
-        elif isinstance(default, bool):
-            if text.lower() not in ("true", "false"):
-                raise SystemExit(f"--set {assignment!r}: {name} is true or false")
-            changes[name] = text.lower() == "true"
-        else:
-            try:
-                changes[name] = (type(default) if default is not None else int)(text)
-            except ValueError:
-                raise SystemExit(f"--set {assignment!r}: {text!r} is not a valid {type(default).__name__} for {name}") from None
-    return dataclasses.replace(s, **changes)
+    """``s`` with ``name=value`` assignments (``--set``), read and checked as a recipe's overrides are."""
+    from zephyr_ray.config import ConfigError, load_config
+
+    try:
+        return load_config(None, list(assignments), s)
+    except ConfigError as exc:
+        raise SystemExit(f"--set: {exc}") from None
 
 
 def run(a: argparse.Namespace) -> None:

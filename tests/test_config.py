@@ -59,6 +59,25 @@ def test_overrides_apply_with_types():
     assert isinstance(cfg, SFTRecipe)
 
 
+def test_an_instance_gives_the_defaults_overrides_apply_over_it_and_it_is_validated():
+    import dataclasses
+
+    preset = load_config(ROOT / "configs/tiny/sft.yaml", ["train.lr=1e-4"])
+    cfg = load_config(None, ["train.epochs=7"], preset)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.run.name) == (1e-4, 7, preset.run.name) and preset.train.epochs != 7
+
+    @dataclasses.dataclass(frozen=True)
+    class Sizes:
+        pairs: int = 8
+        beta: float = 0.1
+
+    assert load_config(None, ["beta=0.5"], Sizes(pairs=16)) == Sizes(pairs=16, beta=0.5)
+    with pytest.raises(ConfigError, match="unknown key 'pair'; valid keys under <root>: beta, pairs"):
+        load_config(None, ["pair=4"], Sizes())
+    with pytest.raises(ConfigError, match=r"data.on_bad_row='maybe'.*\['error', 'skip'\]"):
+        load_config(None, ["data.on_bad_row=maybe"], preset)  # validated like a recipe from a file
+
+
 def test_unknown_key_names_key_and_valid_ones():
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/tiny/sft.yaml", ["train.lrr=1"])

@@ -84,15 +84,16 @@ def _cluster_processes(temp_dir: str, gcs_port: int):
 
 
 def _stop_cluster(temp_dir: str, gcs_port: int) -> list[str]:
-    """SIGTERM, then SIGKILL, this head's processes; the ones still alive (should be none)."""
+    """SIGTERM, then (3 s on: some of Ray's processes ignore it for longer) SIGKILL, this head's processes; the
+    ones still alive (should be none)."""
     import psutil
 
     procs = _cluster_processes(temp_dir, gcs_port)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         for p in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(sig)
-        _, procs = psutil.wait_procs(procs, timeout=10)
+        _, procs = psutil.wait_procs(procs, timeout=wait_s)
         if not procs:
             break
     procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -179,9 +179,12 @@ def test_size_overrides_are_typed_and_checked(rr):
     s = rr.overridden(rr.FULL, ["dpo_train=512", "beta=0.25", "sft_lora=false", "eval_limit=12"])
     assert (s.dpo_train, s.beta, s.sft_lora, s.eval_limit) == (512, 0.25, False, 12)
     assert isinstance(s.dpo_train, int) and isinstance(s.beta, float)
-    assert rr.overridden(s, ["eval_limit=none"]).eval_limit is None
+    assert rr.overridden(s, ["eval_limit=null"]).eval_limit is None
     assert rr.overridden(rr.QUICK, []) == rr.QUICK  # --quick's sizes stay unless overridden
-    for bad, why in (("dpo_trian=5", "NAME one of"), ("dpo_train", "NAME=VALUE"), ("dpo_train=many", "not a valid int for dpo_train"),
-                     ("sft_lora=yes", "true or false")):
+    # Read as a recipe's key=value overrides are: the same errors, naming the key.
+    for bad, why in (("dpo_trian=5", "unknown key 'dpo_trian'; valid keys under <root>: answer_tokens, beta"),
+                     ("dpo_train", "'dpo_train' is not key=value"),
+                     ("dpo_train=many", "dpo_train: Value 'many' of type 'str' could not be converted to Integer"),
+                     ("sft_lora=maybe", "sft_lora: Value 'maybe' is not a valid bool")):
         with pytest.raises(SystemExit, match=why):
             rr.overridden(rr.FULL, [bad])

@@ -83,7 +83,7 @@ T = TypeVar("T")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                schema: type[T] = SFTRecipe) -> T:
+                schema: type[T] | T = SFTRecipe) -> T:
     """:func:`zephyr_ray.config.loader.load_config` with the dSFT recipe as the default schema."""
     return loader.load_config(path, overrides, schema)
 

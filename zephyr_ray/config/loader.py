@@ -80,16 +80,20 @@ def validate(obj: Any, prefix: str = "") -> None:
                     validate(item, f"{prefix}{f.name}[{i}].")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...], schema: type[T]) -> T:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...], schema: type[T] | T) -> T:
     """Load ``path`` (YAML) over ``schema``'s defaults, apply ``key=value`` overrides, :func:`validate`.
-    (``zephyr_ray.config.load_config`` is this with ``SFTRecipe`` as the default schema: the loader sits below
-    the schemas.)"""
+    ``schema`` is a config dataclass, or an instance of one whose values are the defaults (a benchmark's preset
+    sizes with ``--set`` overrides). (``zephyr_ray.config.load_config`` is this with ``SFTRecipe`` as the default
+    schema: the loader sits below the schemas.)"""
     # omegaconf is imported here, not at module level: the dataclasses alone (e.g. for
     # bench/gpu_train_step.py on a bare GPU box) need nothing beyond the standard library.
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     base = OmegaConf.structured(schema)
+    OmegaConf.set_readonly(base, False)  # a frozen dataclass's defaults are still overridable here
+    if not isinstance(schema, type):
+        schema = type(schema)
     source = str(path) if path else "<defaults>"
     try:
         if path is not None:
