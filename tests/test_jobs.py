@@ -162,13 +162,28 @@ def _poll(head: Head, job: str, until, deadline: float, every: float = 10.0) -> 
 # (a stage's own job entrypoint is the same thin wrapper): the suite's only full pipeline run.
 
 
+@pytest.fixture
+def wandb_service() -> str:
+    """A live W&B service named in this process's environment (``WANDB_SERVICE``), as in a notebook or shell
+    that used W&B before starting Ray: a head started afterwards (``ray_head``, listed after this fixture) and its
+    workers inherit it."""
+    import wandb
+
+    wandb.setup()
+    return os.environ["WANDB_SERVICE"]
+
+
 def test_the_pipeline_job_killed_mid_dsft_resumes_as_a_job_and_runs_the_recipe_under_the_persistent_base(
-        ray_head: Head, tmp_path):
+        wandb_service: str, ray_head: Head, tmp_path):
     """The README's ``ray job submit ... -- python jobs/pipeline.py``, and a kill -9 of the job's driver (its
     process group: the driver and what it started) once dSFT has a complete checkpoint; the job fails, and
     resubmitting with ``--resume runs/<id>`` (relative: the job's working directory is Ray's per-session copy,
     so run paths resolve against ``ZEPHYR_RAY_BASE``, which the driver prints) continues dSFT from its newest
-    complete checkpoint and runs AIF, dDPO and evaluation on the tiny recipe, each stage at its smallest."""
+    complete checkpoint and runs AIF, dDPO and evaluation on the tiny recipe, each stage at its smallest.
+
+    The head inherits a live W&B service: a Train worker that logged through it would leave the killed
+    attempt's run open there, and the resumed dSFT's run (the same id) would be refused ("run ID ... is in
+    use"); each worker starts its own."""
     import psutil
 
     from zephyr_ray.tracking import read_metrics
@@ -176,6 +191,7 @@ def test_the_pipeline_job_killed_mid_dsft_resumes_as_a_job_and_runs_the_recipe_u
 
     from .test_pipeline import SMALL
 
+    assert ray_head.env["WANDB_SERVICE"] == wandb_service
     base = tmp_path / "base"
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"ZEPHYR_RAY_BASE": str(base)}}
     job = ["--address", ray_head.dashboard, "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env)]

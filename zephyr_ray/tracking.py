@@ -24,6 +24,8 @@ from zephyr_ray.config import WandbConfig
 METRICS_FILE = "metrics.jsonl"
 # The W&B run id of a training stage's output folder: a restarted attempt resumes the same run.
 WANDB_ID_FILE = "wandb_id"
+# Where wandb keeps the address of the W&B service a process (and the processes it starts) logs through.
+WANDB_SERVICE_ENV = "WANDB_SERVICE"
 
 
 # ---------------------------------------------------------------------------------------------------

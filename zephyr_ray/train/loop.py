@@ -30,7 +30,7 @@ from zephyr_ray.attention import trains_one_row
 from zephyr_ray.config import DPORecipe, SFTRecipe, TrainingRecipe, from_dict, to_dict
 from zephyr_ray.data.tokenize import cached_tokenizer
 from zephyr_ray.models import load_tokenizer
-from zephyr_ray.tracking import MetricsLogger
+from zephyr_ray.tracking import WANDB_SERVICE_ENV, MetricsLogger
 from zephyr_ray.train.engine import build_engine, deepspeed_config, export_hf
 from zephyr_ray.train.objectives import Objective, build_objective, summarize
 
@@ -380,6 +380,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ref, counted = stage.eval_shares[rank]
         batches = eval_batches(ray.get(ref), cfg.train.micro_batch_size)
         eval_fn = functools.partial(evaluate, engine, objective, batches, counted)
+    # A Ray worker inherits the environment of the process that started the raylet. If that process had used W&B
+    # (a notebook, the pytest session), WANDB_SERVICE names its W&B service, which outlives this worker: after a
+    # kill -9 the attempt's run stays open there and the resumed attempt's run (the same id) is refused ("run ID
+    # ... is in use"). This worker starts its own service instead.
+    os.environ.pop(WANDB_SERVICE_ENV, None)
     logger = MetricsLogger(out, cfg.wandb, cfg.run.name, stage.recipe, state.step) if rank == 0 else None
     try:
         train_epochs(engine, objective, ray.train.get_dataset_shard("train"), cfg, plan, state, restored is not None,
