@@ -637,8 +637,8 @@ def learning_table(figures: dict[str, Any], wall_s: float) -> dict[str, Any]:
 
 
 def _pct(p: dict[str, Any]) -> str:
-    cells = share(p)
-    return "-" if p["rate"] is None else f"{cells['value']} {cells['interval']}"
+    """A ``proportion`` on one console line: ``share``'s cells joined."""
+    return "-" if p["rate"] is None else " ".join(share(p).values())
 
 
 def print_table(r: dict[str, Any]) -> None:

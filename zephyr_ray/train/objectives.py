@@ -232,9 +232,9 @@ class DPOObjective:
         elif c.loss_type == "orpo":
             losses, extras = orpo_loss(chosen, rejected, lengths[:n], lengths[n:], lambda_=c.orpo.lambda_)
         else:
-            ref = self.reference_logps(model, batch, logps)
-            policy = logps / lengths if c.length_normalize else logps  # per answer token: rewards alike
-            ref = ref / lengths if c.length_normalize else ref
+            policy, ref = logps, self.reference_logps(model, batch, logps)
+            if c.length_normalize:  # per answer token, policy and reference alike
+                policy, ref = policy / lengths, ref / lengths
             losses, r_chosen, r_rejected = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=c.beta,
                                                            loss_type=c.loss_type, label_smoothing=c.label_smoothing)
             extras = {
